@@ -1,0 +1,58 @@
+// Block-sparse micro-kernels, written once over GCC vector extensions and compiled once per ISA
+// (kernels_avx512.cpp, kernels_avx2.cpp, kernels_base.cpp). No torch headers here: the ISA
+// translation units must not emit torch inline functions compiled for a wider ISA.
+//
+// All kernels work "feature-major": activations are transposed to [features, Bp] with the batch
+// padded with zeros to a multiple of the vector width, so every kernel vectorizes along the batch,
+// which is wide for any block shape, (1,1) included.
+#pragma once
+#include <cstdint>
+
+namespace sparsekern {
+
+// One sparse x dense product, walked segment by segment (a segment is a block row for y = x W^T,
+// a block column for dx = dy W):
+//   O[s*out_rows + r, b] = sum_{e in seg s} sum_t S[blk(e)][r*sr + t*st] * D[(other(e)*t_len + t), b]
+template <typename T>
+struct SpmmArgs {
+  const T* S;               // block values [nnz, bm, bk]
+  const int32_t* offsets;   // [n_seg + 1] entries of each segment
+  const int32_t* others;    // [nnz] block index along the reduced axis for each entry
+  const int32_t* perm;      // [nnz] value block of each entry, or nullptr for identity
+  int64_t out_rows, t_len, sr, st, blk_elems;
+  const T* D;               // [*, ldb] feature-major dense operand
+  T* O;                     // [n_seg*out_rows, ldb] feature-major output
+  int64_t ldb;              // padded batch (multiple of tile_b_min)
+};
+
+// Sampled dense x dense: out[p][m][k] = sum_b A[row(p)*bm + m, b] * B[col(p)*bk + k, b]
+template <typename T>
+struct SddArgs {
+  const T* A;               // [Mp, ldb]
+  const T* B;               // [Kp, ldb]
+  const int32_t* row_idx;
+  const int32_t* col_idx;
+  int64_t bm, bk;
+  T* out;                   // [nnz, bm, bk]
+  int64_t ldb;
+};
+
+template <typename T>
+struct KernelTable {
+  const char* isa;
+  int64_t vec_len;   // elements per vector: the batch padding unit
+  int64_t tile_b;    // elements of batch one spmm call covers when the batch allows it
+  // Computes segment `seg`, batch columns [b0, b0 + nb) (nb a multiple of vec_len, <= tile_b).
+  void (*spmm)(const SpmmArgs<T>&, int64_t seg, int64_t b0, int64_t nb);
+  // Computes stored block p.
+  void (*sdd)(const SddArgs<T>&, int64_t p);
+};
+
+KernelTable<float> kernels_f32_avx512();
+KernelTable<double> kernels_f64_avx512();
+KernelTable<float> kernels_f32_avx2();
+KernelTable<double> kernels_f64_avx2();
+KernelTable<float> kernels_f32_base();
+KernelTable<double> kernels_f64_base();
+
+}  // namespace sparsekern

@@ -1,0 +1,146 @@
+// Micro-kernel bodies. Included by exactly one translation unit per ISA, after
+// `#pragma GCC target(...)`, inside `namespace SK_ISA`. VEC_BYTES is the vector width in bytes.
+//
+// spmm register tile: RM output rows x NV vectors of batch, accumulated over every stored block of
+// the segment and every t, stored once. One scalar broadcast per row feeds NV FMAs and one vector
+// load feeds RM FMAs, so with RM = NV = 4 the loop issues 8 loads per 16 FMAs (FMA-bound).
+//
+// sdd register tile: RM x RK dot products over the batch, reduced across lanes at the end.
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(VEC_BYTES)));
+  static constexpr int64_t len = VEC_BYTES / sizeof(T);
+  static inline type load(const T* p) {
+    type v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static inline void store(T* p, type v) { __builtin_memcpy(p, &v, sizeof(v)); }
+  static inline type zero() { return type{} ; }
+  static inline T sum(type v) {
+    T s = 0;
+    for (int64_t i = 0; i < len; ++i) s += v[i];
+    return s;
+  }
+};
+
+template <typename T, int RM, int NV>
+static inline void spmm_tile(const SpmmArgs<T>& a, int64_t seg, int64_t r0, int64_t b0) {
+  using V = Vec<T>;
+  typename V::type acc[RM][NV];
+  for (int r = 0; r < RM; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  const int64_t e_end = a.offsets[seg + 1];
+  const int64_t ldb = a.ldb, t_len = a.t_len, sr = a.sr, st = a.st;
+  for (int64_t e = a.offsets[seg]; e < e_end; ++e) {
+    const int64_t blk = a.perm ? a.perm[e] : e;
+    const T* s = a.S + blk * a.blk_elems + r0 * sr;
+    const T* d = a.D + (int64_t)a.others[e] * t_len * ldb + b0;
+    for (int64_t t = 0; t < t_len; ++t) {
+      typename V::type dv[NV];
+      for (int v = 0; v < NV; ++v) dv[v] = V::load(d + t * ldb + v * V::len);
+      for (int r = 0; r < RM; ++r) {
+        const T w = s[r * sr + t * st];
+        for (int v = 0; v < NV; ++v) acc[r][v] += w * dv[v];
+      }
+    }
+  }
+  T* o = a.O + (seg * a.out_rows + r0) * ldb + b0;
+  for (int r = 0; r < RM; ++r)
+    for (int v = 0; v < NV; ++v) V::store(o + r * ldb + v * V::len, acc[r][v]);
+}
+
+template <typename T, int NV>
+static void spmm_rows(const SpmmArgs<T>& a, int64_t seg, int64_t b0) {
+  int64_t r = 0;
+  for (; r + 4 <= a.out_rows; r += 4) spmm_tile<T, 4, NV>(a, seg, r, b0);
+  switch (a.out_rows - r) {
+    case 3: spmm_tile<T, 3, NV>(a, seg, r, b0); break;
+    case 2: spmm_tile<T, 2, NV>(a, seg, r, b0); break;
+    case 1: spmm_tile<T, 1, NV>(a, seg, r, b0); break;
+    default: break;
+  }
+}
+
+template <typename T>
+static void spmm(const SpmmArgs<T>& a, int64_t seg, int64_t b0, int64_t nb) {
+  constexpr int64_t L = Vec<T>::len;
+  int64_t b = b0;
+  const int64_t b_end = b0 + nb;
+  for (; b + 4 * L <= b_end; b += 4 * L) spmm_rows<T, 4>(a, seg, b);
+  switch ((b_end - b) / L) {
+    case 3: spmm_rows<T, 3>(a, seg, b); break;
+    case 2: spmm_rows<T, 2>(a, seg, b); break;
+    case 1: spmm_rows<T, 1>(a, seg, b); break;
+    default: break;
+  }
+}
+
+template <typename T, int RM, int RK>
+static inline void sdd_tile(const SddArgs<T>& a, int64_t p, int64_t m0, int64_t k0) {
+  using V = Vec<T>;
+  // Fewer than 8 accumulators cannot hide FMA latency: split the batch into U partial sums.
+  constexpr int U = (RM * RK >= 8) ? 1 : (RM * RK >= 4 ? 2 : 4);
+  typename V::type acc[U][RM][RK];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < RM; ++i)
+      for (int j = 0; j < RK; ++j) acc[u][i][j] = V::zero();
+  const int64_t ldb = a.ldb;
+  const T* arow = a.A + ((int64_t)a.row_idx[p] * a.bm + m0) * ldb;
+  const T* brow = a.B + ((int64_t)a.col_idx[p] * a.bk + k0) * ldb;
+  const int64_t n_vec = ldb / V::len;
+  int64_t c = 0;
+  for (; c + U <= n_vec; c += U) {
+    for (int u = 0; u < U; ++u) {
+      const int64_t off = (c + u) * V::len;
+      typename V::type av[RM], bv[RK];
+      for (int i = 0; i < RM; ++i) av[i] = V::load(arow + i * ldb + off);
+      for (int j = 0; j < RK; ++j) bv[j] = V::load(brow + j * ldb + off);
+      for (int i = 0; i < RM; ++i)
+        for (int j = 0; j < RK; ++j) acc[u][i][j] += av[i] * bv[j];
+    }
+  }
+  for (; c < n_vec; ++c) {
+    const int64_t off = c * V::len;
+    for (int i = 0; i < RM; ++i)
+      for (int j = 0; j < RK; ++j)
+        acc[0][i][j] += V::load(arow + i * ldb + off) * V::load(brow + j * ldb + off);
+  }
+  T* out = a.out + p * a.bm * a.bk + m0 * a.bk + k0;
+  for (int i = 0; i < RM; ++i)
+    for (int j = 0; j < RK; ++j) {
+      typename V::type s = acc[0][i][j];
+      for (int u = 1; u < U; ++u) s += acc[u][i][j];
+      out[i * a.bk + j] = V::sum(s);
+    }
+}
+
+template <typename T, int RM>
+static inline void sdd_row_tile(const SddArgs<T>& a, int64_t p, int64_t m0) {
+  int64_t k = 0;
+  for (; k + 4 <= a.bk; k += 4) sdd_tile<T, RM, 4>(a, p, m0, k);
+  switch (a.bk - k) {
+    case 3: sdd_tile<T, RM, 3>(a, p, m0, k); break;
+    case 2: sdd_tile<T, RM, 2>(a, p, m0, k); break;
+    case 1: sdd_tile<T, RM, 1>(a, p, m0, k); break;
+    default: break;
+  }
+}
+
+template <typename T>
+static void sdd(const SddArgs<T>& a, int64_t p) {
+  int64_t m = 0;
+  for (; m + 4 <= a.bm; m += 4) sdd_row_tile<T, 4>(a, p, m);
+  switch (a.bm - m) {
+    case 3: sdd_row_tile<T, 3>(a, p, m); break;
+    case 2: sdd_row_tile<T, 2>(a, p, m); break;
+    case 1: sdd_row_tile<T, 1>(a, p, m); break;
+    default: break;
+  }
+}
+
+template <typename T>
+static KernelTable<T> table(const char* isa) {
+  return KernelTable<T>{isa, Vec<T>::len, 4 * Vec<T>::len, &spmm<T>, &sdd<T>};
+}

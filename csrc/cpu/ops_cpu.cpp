@@ -1,0 +1,182 @@
+// CPU implementations of sparsekern::_dds_native and sparsekern::_sdd_native (schemas live in
+// sparsekern/ops.py). Checks every argument the kernels index with, transposes activations to the
+// feature-major layout the micro-kernels want (kernels.h), picks the widest ISA the CPU supports
+// and runs the work items dynamically over torch's intra-op thread pool (OpenMP).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
+#include <cstring>
+
+#include "../checks.h"
+#include "kernels.h"
+
+namespace sparsekern {
+namespace {
+
+bool cpu_has(const char* feature) {
+  __builtin_cpu_init();
+  if (std::strcmp(feature, "avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
+  if (std::strcmp(feature, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return false;
+}
+
+// SPARSEKERN_ISA=avx2|base caps the ISA (for testing every path on one machine).
+int isa_level() {
+  static const int level = [] {
+    int best = cpu_has("avx512") ? 2 : (cpu_has("avx2") ? 1 : 0);
+    const char* cap = std::getenv("SPARSEKERN_ISA");
+    if (cap && std::strcmp(cap, "avx2") == 0) best = std::min(best, 1);
+    if (cap && std::strcmp(cap, "base") == 0) best = 0;
+    return best;
+  }();
+  return level;
+}
+
+template <typename T> KernelTable<T> select_kernels();
+template <> KernelTable<float> select_kernels<float>() {
+  static const KernelTable<float> t = isa_level() == 2 ? kernels_f32_avx512()
+                                      : isa_level() == 1 ? kernels_f32_avx2()
+                                                         : kernels_f32_base();
+  return t;
+}
+template <> KernelTable<double> select_kernels<double>() {
+  static const KernelTable<double> t = isa_level() == 2 ? kernels_f64_avx512()
+                                       : isa_level() == 1 ? kernels_f64_avx2()
+                                                          : kernels_f64_base();
+  return t;
+}
+
+// Runs fn(i) for i in [0, n) with dynamic scheduling: rows of a pruned matrix are uneven.
+template <typename F>
+void parallel_dynamic(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n);
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) fn(i);
+  });
+}
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// x [B, F] (any strides) -> [F, Bp] with columns B..Bp zero.
+template <typename T>
+at::Tensor to_feature_major(const at::Tensor& x, int64_t Bp) {
+  const int64_t B = x.size(0), F = x.size(1);
+  const int64_t sb = x.stride(0), sf = x.stride(1);
+  at::Tensor out = at::empty({F, Bp}, x.options());
+  const T* src = x.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  constexpr int64_t TILE = 32;
+  const int64_t f_tiles = (F + TILE - 1) / TILE;
+  at::parallel_for(0, f_tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t ft = t0; ft < t1; ++ft) {
+      const int64_t f0 = ft * TILE, f1 = std::min(F, f0 + TILE);
+      for (int64_t b0 = 0; b0 < B; b0 += TILE) {
+        const int64_t b1 = std::min(B, b0 + TILE);
+        for (int64_t f = f0; f < f1; ++f)
+          for (int64_t b = b0; b < b1; ++b) dst[f * Bp + b] = src[b * sb + f * sf];
+      }
+      for (int64_t f = f0; f < f1; ++f)
+        for (int64_t b = B; b < Bp; ++b) dst[f * Bp + b] = T(0);
+    }
+  });
+  return out;
+}
+
+// [F, Bp] -> [B, F] contiguous.
+template <typename T>
+at::Tensor from_feature_major(const at::Tensor& xt, int64_t B) {
+  const int64_t F = xt.size(0), Bp = xt.size(1);
+  at::Tensor out = at::empty({B, F}, xt.options());
+  const T* src = xt.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  constexpr int64_t TILE = 32;
+  const int64_t b_tiles = (B + TILE - 1) / TILE;
+  at::parallel_for(0, b_tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t bt = t0; bt < t1; ++bt) {
+      const int64_t b0 = bt * TILE, b1 = std::min(B, b0 + TILE);
+      for (int64_t f0 = 0; f0 < F; f0 += TILE) {
+        const int64_t f1 = std::min(F, f0 + TILE);
+        for (int64_t b = b0; b < b1; ++b)
+          for (int64_t f = f0; f < f1; ++f) dst[b * F + f] = src[f * Bp + b];
+      }
+    }
+  });
+  return out;
+}
+
+template <typename T>
+at::Tensor dds_typed(const at::Tensor& a, const at::Tensor& values, const at::Tensor& offsets,
+                     const at::Tensor& others, const at::Tensor* perm, int64_t n_seg,
+                     int64_t out_rows, int64_t t_len, int64_t sr, int64_t st) {
+  const KernelTable<T> kt = select_kernels<T>();
+  const int64_t B = a.size(0);
+  const int64_t Bp = round_up(std::max<int64_t>(B, 1), kt.vec_len);
+  at::Tensor at_ = to_feature_major<T>(a, Bp);
+  at::Tensor ot = at::empty({n_seg * out_rows, Bp}, a.options());
+  SpmmArgs<T> args{values.data_ptr<T>(), offsets.data_ptr<int32_t>(), others.data_ptr<int32_t>(),
+                   perm ? perm->data_ptr<int32_t>() : nullptr, out_rows, t_len, sr, st,
+                   values.size(1) * values.size(2), at_.data_ptr<T>(), ot.data_ptr<T>(), Bp};
+  const int64_t n_bt = (Bp + kt.tile_b - 1) / kt.tile_b;
+  parallel_dynamic(n_seg * n_bt, [&](int64_t i) {
+    const int64_t seg = i / n_bt, b0 = (i % n_bt) * kt.tile_b;
+    kt.spmm(args, seg, b0, std::min(kt.tile_b, Bp - b0));
+  });
+  return from_feature_major<T>(ot, B);
+}
+
+at::Tensor dds_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tensor& row_offsets,
+                   const at::Tensor& col_idx, const at::Tensor& t_offsets,
+                   const at::Tensor& t_rows, const at::Tensor& t_perm, int64_t n_rows,
+                   int64_t n_cols, bool trans_w) {
+  check_dds_args(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
+                 trans_w, at::kCPU);
+  const int64_t bm = values.size(1), bk = values.size(2);
+  const at::Tensor v = values.contiguous();
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_dds_cpu", [&] {
+    if (trans_w)  // y[B, M] = a[B, K] W^T: segments are block rows.
+      out = dds_typed<scalar_t>(a, v, row_offsets, col_idx, nullptr, n_rows / bm, bm, bk, bk, 1);
+    else          // y[B, K] = a[B, M] W: segments are block columns, via transpose metadata.
+      out = dds_typed<scalar_t>(a, v, t_offsets, t_rows, &t_perm, n_cols / bk, bk, bm, 1, bk);
+  });
+  return out;
+}
+
+at::Tensor sdd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,
+                   const at::Tensor& col_idx, int64_t bm, int64_t bk) {
+  check_sdd_args(a, b, row_idx, col_idx, bm, bk, at::kCPU);
+  const int64_t nnz = row_idx.numel();
+  at::Tensor out = at::empty({nnz, bm, bk}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_sdd_cpu", [&] {
+    const KernelTable<scalar_t> kt = select_kernels<scalar_t>();
+    const int64_t B = a.size(0);
+    const int64_t Bp = round_up(std::max<int64_t>(B, 1), kt.vec_len);
+    at::Tensor at_ = to_feature_major<scalar_t>(a, Bp);
+    at::Tensor bt = to_feature_major<scalar_t>(b, Bp);
+    SddArgs<scalar_t> args{at_.data_ptr<scalar_t>(), bt.data_ptr<scalar_t>(),
+                           row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), bm, bk,
+                           out.data_ptr<scalar_t>(), Bp};
+    parallel_dynamic(nnz, [&](int64_t p) { kt.sdd(args, p); });
+  });
+  return out;
+}
+
+}  // namespace
+
+std::string cpu_isa() {
+  return isa_level() == 2 ? "avx512" : (isa_level() == 1 ? "avx2" : "base");
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("_dds_native", &dds_cpu);
+  m.impl("_sdd_native", &sdd_cpu);
+}
+
+}  // namespace sparsekern

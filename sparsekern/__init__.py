@@ -1,0 +1,15 @@
+"""sparsekern: truly block-sparse Linear (and soon Conv2d) with fast forward and backward kernels.
+
+    import sparsekern
+    layer = sparsekern.SparseLinear.from_dense(pruned_linear, block_size=(32, 32))
+    with sparsekern.backend("cpu"):   # optional: force a backend in a scope
+        y = layer(x)
+"""
+from sparsekern import ops  # noqa: F401  (defines the ops and loads sparsekern._C)
+from sparsekern.backends import backend
+from sparsekern.bsr import BlockSparseMatrix
+from sparsekern.functional import bsr_linear
+from sparsekern.nn import SparseLinear
+
+__all__ = ["BlockSparseMatrix", "SparseLinear", "backend", "bsr_linear", "ops"]
+__version__ = "0.1.0"

@@ -1,0 +1,186 @@
+"""All op schemas, fake kernels, autograd and the entry to backend choice.
+
+Two layers of ops in namespace ``sparsekern``:
+
+* native ops ``_dds_native`` / ``_sdd_native``: schemas here, kernels registered by the compiled
+  extension for the CPU key (csrc/cpu) and the CUDA key (csrc/cuda);
+* public ops ``dds`` / ``sdd`` (torch.library.custom_op): check arguments, pick a backend
+  (backends.py) and carry the autograd, written once in terms of dds and sdd themselves:
+
+    y  = dds(x, W, trans_w=True)     x [B, Kp] @ W^T -> [B, Mp]
+    dx = dds(dy, W, trans_w=False)   dy [B, Mp] @ W  -> [B, Kp]
+    dW = sdd(dy, x, topology of W)   stored blocks of dy^T @ x -> [nnz, bm, bk]
+
+A topology is the 6-tuple (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm) of bsr.py.
+All shapes here are the padded shapes; functional.py handles the logical ones.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import Tensor
+
+from sparsekern import backends
+
+# ---- native ops (schemas; kernels come from sparsekern._C) ---------------------------------------
+torch.library.define(
+    "sparsekern::_dds_native",
+    "(Tensor a, Tensor values, Tensor row_offsets, Tensor col_idx, Tensor t_offsets, "
+    "Tensor t_rows, Tensor t_perm, int n_rows, int n_cols, bool trans_w) -> Tensor",
+)
+torch.library.define(
+    "sparsekern::_sdd_native",
+    "(Tensor a, Tensor b, Tensor row_idx, Tensor col_idx, int bm, int bk) -> Tensor",
+)
+
+
+@torch.library.register_fake("sparsekern::_dds_native")
+def _dds_native_fake(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
+                     trans_w):
+    return a.new_empty(a.shape[0], n_rows if trans_w else n_cols)
+
+
+@torch.library.register_fake("sparsekern::_sdd_native")
+def _sdd_native_fake(a, b, row_idx, col_idx, bm, bk):
+    return a.new_empty(row_idx.shape[0], bm, bk)
+
+
+_native = None
+_native_error: Exception | None = None
+try:
+    _native = importlib.import_module("sparsekern._C")
+except ImportError as err:  # the reference backend still works; backends.select warns
+    _native_error = err
+
+
+def native_extension():
+    """The compiled module sparsekern._C, or None if it could not be imported."""
+    return _native
+
+
+# ---- argument checks (one place, every backend) ---------------------------------------------------
+def _check_topology(topo, nnz: int, n_rows: int, n_cols: int, bm: int, bk: int, device) -> None:
+    if len(topo) != 6:
+        raise ValueError("a topology is (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm)")
+    if bm < 1 or bk < 1 or n_rows % bm or n_cols % bk:
+        raise ValueError(f"matrix shape [{n_rows}, {n_cols}] is not a multiple of the block "
+                         f"shape ({bm}, {bk})")
+    sizes = (n_rows // bm + 1, nnz, nnz, n_cols // bk + 1, nnz, nnz)
+    names = ("row_offsets", "col_idx", "row_idx", "t_offsets", "t_rows", "t_perm")
+    for t, size, name in zip(topo, sizes, names):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] != size:
+            raise ValueError(f"{name} must be 1-D with {size} elements, got shape {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the operands are on {device}")
+
+
+def _check_dense(t: Tensor, name: str, width: int, dtype, device) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [batch, features], got shape {tuple(t.shape)}")
+    if t.shape[1] != width:
+        raise ValueError(f"{name} has {t.shape[1]} features, expected {width}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but the block values have {dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the block values are on {device}")
+
+
+# ---- public ops ----------------------------------------------------------------------------------
+@torch.library.custom_op("sparsekern::dds", mutates_args=())
+def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
+        t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int, n_cols: int,
+        trans_w: bool, backend: str = "auto") -> Tensor:
+    """Dense x block-sparse. W is [n_rows, n_cols] with blocks values [nnz, bm, bk].
+
+    trans_w=True:  a [B, n_cols] -> a @ W^T [B, n_rows]
+    trans_w=False: a [B, n_rows] -> a @ W   [B, n_cols]
+    """
+    topo = (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm)
+    if values.dim() != 3:
+        raise ValueError(f"values must be [nnz, bm, bk], got shape {tuple(values.shape)}")
+    nnz, bm, bk = values.shape
+    _check_topology(topo, nnz, n_rows, n_cols, bm, bk, values.device)
+    _check_dense(a, "input", n_cols if trans_w else n_rows, values.dtype, values.device)
+    impl = backends.select("dds", backend, a, values.dtype, trans_w)
+    return impl.dds(a, values, topo, n_rows, n_cols, trans_w)
+
+
+@dds.register_fake
+def _dds_fake(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
+              trans_w, backend="auto"):
+    return a.new_empty(a.shape[0], n_rows if trans_w else n_cols)
+
+
+@torch.library.custom_op("sparsekern::sdd", mutates_args=())
+def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
+        t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, bm: int, bk: int,
+        backend: str = "auto") -> Tensor:
+    """Sampled dense x dense: the stored blocks of a^T @ b on the given topology.
+
+    a [B, Mp], b [B, Kp] -> [nnz, bm, bk] with block p = a[:, rows of p]^T @ b[:, cols of p].
+    """
+    topo = (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm)
+    for t, name in ((a, "left"), (b, "right")):
+        if t.dim() != 2:
+            raise ValueError(f"sdd {name} operand must be 2-D, got shape {tuple(t.shape)}")
+    if not a.is_floating_point():
+        raise TypeError(f"sdd operands must be floating point, got {a.dtype}")
+    _check_topology(topo, col_idx.shape[0], a.shape[1], b.shape[1], bm, bk, a.device)
+    _check_dense(b, "sdd right operand", b.shape[1], a.dtype, a.device)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"sdd operands have batch {a.shape[0]} and {b.shape[0]}")
+    impl = backends.select("sdd", backend, a, a.dtype)
+    return impl.sdd(a, b, topo, bm, bk)
+
+
+@sdd.register_fake
+def _sdd_fake(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
+              backend="auto"):
+    return a.new_empty(col_idx.shape[0], bm, bk)
+
+
+# ---- autograd, once, over the primitives ---------------------------------------------------------
+def _dds_setup_context(ctx, inputs, output):
+    a, values, *topo, n_rows, n_cols, trans_w, backend = inputs
+    ctx.save_for_backward(a, values, *topo)
+    # Pin the backend the forward ran under, so a backward outside a `backend(...)` scope matches.
+    ctx.meta = (n_rows, n_cols, trans_w, backends.resolve_name(backend))
+
+
+def _dds_backward(ctx, grad):
+    a, values, *topo = ctx.saved_tensors
+    n_rows, n_cols, trans_w, backend = ctx.meta
+    grad_a = grad_values = None
+    if ctx.needs_input_grad[0]:
+        grad_a = dds(grad, values, *topo, n_rows, n_cols, not trans_w, backend)
+    if ctx.needs_input_grad[1]:
+        bm, bk = values.shape[1], values.shape[2]
+        left, right = (grad, a) if trans_w else (a, grad)
+        grad_values = sdd(left, right, *topo, bm, bk, backend)
+    return (grad_a, grad_values) + (None,) * 10
+
+
+def _sdd_setup_context(ctx, inputs, output):
+    a, b, *topo, bm, bk, backend = inputs
+    ctx.save_for_backward(a, b, *topo)
+    ctx.meta = (bm, bk, backends.resolve_name(backend))
+
+
+def _sdd_backward(ctx, grad):
+    # out = S(a^T b)  =>  da = b @ G^T = dds(b, G, trans_w=True), db = a @ G = dds(a, G, False)
+    a, b, *topo = ctx.saved_tensors
+    bm, bk, backend = ctx.meta
+    n_rows, n_cols = a.shape[1], b.shape[1]
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_a = dds(b, grad, *topo, n_rows, n_cols, True, backend)
+    if ctx.needs_input_grad[1]:
+        grad_b = dds(a, grad, *topo, n_rows, n_cols, False, backend)
+    return (grad_a, grad_b) + (None,) * 9
+
+
+dds.register_autograd(_dds_backward, setup_context=_dds_setup_context)
+sdd.register_autograd(_sdd_backward, setup_context=_sdd_setup_context)
