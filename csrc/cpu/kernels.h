@@ -26,15 +26,19 @@ struct SpmmArgs {
 };
 
 // Sampled dense x dense: out[p][m][k] = sum_b A[row(p)*bm + m, b] * B[col(p)*bk + k, b]
+// (feature-major operands). The batch-major variant reads A[b, row(p)*bm + m] and
+// B[b, col(p)*bk + k] directly (no transposes) and needs bk % vec_len == 0.
 template <typename T>
 struct SddArgs {
-  const T* A;               // [Mp, ldb]
-  const T* B;               // [Kp, ldb]
+  const T* A;               // feature-major [Mp, ldb] | batch-major [batch, lda]
+  const T* B;               // feature-major [Kp, ldb] | batch-major [batch, ldb]
   const int32_t* row_idx;
   const int32_t* col_idx;
   int64_t bm, bk;
   T* out;                   // [nnz, bm, bk]
-  int64_t ldb;
+  int64_t ldb;              // feature-major: padded batch | batch-major: row stride of B
+  int64_t lda = 0;          // batch-major: row stride of A
+  int64_t batch = 0;        // batch-major: rows of A and B
 };
 
 template <typename T>
@@ -46,6 +50,8 @@ struct KernelTable {
   void (*spmm)(const SpmmArgs<T>&, int64_t seg, int64_t b0, int64_t nb);
   // Computes stored block p.
   void (*sdd)(const SddArgs<T>&, int64_t p);
+  // Same on batch-major operands; only for bk % vec_len == 0.
+  void (*sdd_batch_major)(const SddArgs<T>&, int64_t p);
 };
 
 KernelTable<float> kernels_f32_avx512();

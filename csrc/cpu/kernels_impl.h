@@ -26,14 +26,15 @@ struct Vec {
 };
 
 template <typename T, int RM, int NV>
-static inline void spmm_tile(const SpmmArgs<T>& a, int64_t seg, int64_t r0, int64_t b0) {
+static inline void spmm_tile(const SpmmArgs<T>& a, int64_t e_begin, int64_t e_end, bool first,
+                             int64_t seg, int64_t r0, int64_t b0) {
   using V = Vec<T>;
+  const int64_t ldb = a.ldb, t_len = a.t_len, sr = a.sr, st = a.st;
+  T* o = a.O + (seg * a.out_rows + r0) * ldb + b0;
   typename V::type acc[RM][NV];
   for (int r = 0; r < RM; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
-  const int64_t e_end = a.offsets[seg + 1];
-  const int64_t ldb = a.ldb, t_len = a.t_len, sr = a.sr, st = a.st;
-  for (int64_t e = a.offsets[seg]; e < e_end; ++e) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = first ? V::zero() : V::load(o + r * ldb + v * V::len);
+  for (int64_t e = e_begin; e < e_end; ++e) {
     const int64_t blk = a.perm ? a.perm[e] : e;
     const T* s = a.S + blk * a.blk_elems + r0 * sr;
     const T* d = a.D + (int64_t)a.others[e] * t_len * ldb + b0;
@@ -46,21 +47,33 @@ static inline void spmm_tile(const SpmmArgs<T>& a, int64_t seg, int64_t r0, int6
       }
     }
   }
-  T* o = a.O + (seg * a.out_rows + r0) * ldb + b0;
   for (int r = 0; r < RM; ++r)
     for (int v = 0; v < NV; ++v) V::store(o + r * ldb + v * V::len, acc[r][v]);
 }
 
+// All output rows of a segment for NV vectors of batch. The segment's blocks are taken in chunks
+// whose dense rows (chunk * t_len rows of NV vectors) stay in L1 while every row tile reuses them;
+// the output tile carries the partial sums between chunks.
 template <typename T, int NV>
 static void spmm_rows(const SpmmArgs<T>& a, int64_t seg, int64_t b0) {
-  int64_t r = 0;
-  for (; r + 4 <= a.out_rows; r += 4) spmm_tile<T, 4, NV>(a, seg, r, b0);
-  switch (a.out_rows - r) {
-    case 3: spmm_tile<T, 3, NV>(a, seg, r, b0); break;
-    case 2: spmm_tile<T, 2, NV>(a, seg, r, b0); break;
-    case 1: spmm_tile<T, 1, NV>(a, seg, r, b0); break;
-    default: break;
-  }
+  constexpr int64_t kL1Bytes = 24 * 1024;
+  const int64_t per_block = a.t_len * NV * VEC_BYTES;
+  const int64_t chunk = per_block >= kL1Bytes ? 1 : kL1Bytes / per_block;
+  const int64_t e0 = a.offsets[seg], e1 = a.offsets[seg + 1];
+  int64_t c = e0;
+  do {
+    const int64_t c_end = e1 - c > chunk ? c + chunk : e1;
+    const bool first = c == e0;
+    int64_t r = 0;
+    for (; r + 4 <= a.out_rows; r += 4) spmm_tile<T, 4, NV>(a, c, c_end, first, seg, r, b0);
+    switch (a.out_rows - r) {
+      case 3: spmm_tile<T, 3, NV>(a, c, c_end, first, seg, r, b0); break;
+      case 2: spmm_tile<T, 2, NV>(a, c, c_end, first, seg, r, b0); break;
+      case 1: spmm_tile<T, 1, NV>(a, c, c_end, first, seg, r, b0); break;
+      default: break;
+    }
+    c = c_end;
+  } while (c < e1);
 }
 
 template <typename T>
@@ -140,7 +153,48 @@ static void sdd(const SddArgs<T>& a, int64_t p) {
   }
 }
 
+// Batch-major sdd: RM rows x KV vectors of one block, accumulated over the batch. Per batch row
+// KV vector loads and RM broadcasts feed RM*KV FMAs, and no lane reduction is needed.
+template <typename T, int RM, int KV>
+static inline void sdd_bm_tile(const SddArgs<T>& a, int64_t p, int64_t m0, int64_t k0) {
+  using V = Vec<T>;
+  typename V::type acc[RM][KV];
+  for (int r = 0; r < RM; ++r)
+    for (int v = 0; v < KV; ++v) acc[r][v] = V::zero();
+  const T* arow = a.A + (int64_t)a.row_idx[p] * a.bm + m0;
+  const T* brow = a.B + (int64_t)a.col_idx[p] * a.bk + k0;
+  for (int64_t b = 0; b < a.batch; ++b) {
+    typename V::type bv[KV];
+    for (int v = 0; v < KV; ++v) bv[v] = V::load(brow + b * a.ldb + v * V::len);
+    for (int r = 0; r < RM; ++r) {
+      const T w = arow[b * a.lda + r];
+      for (int v = 0; v < KV; ++v) acc[r][v] += w * bv[v];
+    }
+  }
+  T* out = a.out + p * a.bm * a.bk + m0 * a.bk + k0;
+  for (int r = 0; r < RM; ++r)
+    for (int v = 0; v < KV; ++v) V::store(out + r * a.bk + v * V::len, acc[r][v]);
+}
+
+template <typename T, int KV>
+static inline void sdd_bm_cols(const SddArgs<T>& a, int64_t p, int64_t k0) {
+  constexpr int RM = KV >= 4 ? 4 : 8;  // RM*KV accumulators: 8 to 16 of the 32 registers
+  int64_t m = 0;
+  for (; m + RM <= a.bm; m += RM) sdd_bm_tile<T, RM, KV>(a, p, m, k0);
+  for (; m < a.bm; ++m) sdd_bm_tile<T, 1, KV>(a, p, m, k0);
+}
+
+template <typename T>
+static void sdd_batch_major(const SddArgs<T>& a, int64_t p) {
+  constexpr int64_t L = Vec<T>::len;
+  int64_t k = 0;
+  for (; k + 4 * L <= a.bk; k += 4 * L) sdd_bm_cols<T, 4>(a, p, k);
+  for (; k + 2 * L <= a.bk; k += 2 * L) sdd_bm_cols<T, 2>(a, p, k);
+  for (; k + L <= a.bk; k += L) sdd_bm_cols<T, 1>(a, p, k);
+}
+
 template <typename T>
 static KernelTable<T> table(const char* isa) {
-  return KernelTable<T>{isa, Vec<T>::len, 4 * Vec<T>::len, &spmm<T>, &sdd<T>};
+  return KernelTable<T>{isa, Vec<T>::len, 4 * Vec<T>::len, &spmm<T>, &sdd<T>,
+                        &sdd_batch_major<T>};
 }

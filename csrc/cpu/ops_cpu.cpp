@@ -157,12 +157,21 @@ at::Tensor sdd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& r
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_sdd_cpu", [&] {
     const KernelTable<scalar_t> kt = select_kernels<scalar_t>();
     const int64_t B = a.size(0);
+    scalar_t* out_ptr = out.data_ptr<scalar_t>();
+    const int32_t *rows = row_idx.data_ptr<int32_t>(), *cols = col_idx.data_ptr<int32_t>();
+    if (bk % kt.vec_len == 0) {  // vectors along the block's columns: no transposes needed
+      const at::Tensor ac = a.stride(1) == 1 ? a : a.contiguous();
+      const at::Tensor bc = b.stride(1) == 1 ? b : b.contiguous();
+      SddArgs<scalar_t> args{ac.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), rows, cols, bm, bk,
+                             out_ptr, bc.stride(0), ac.stride(0), B};
+      parallel_dynamic(nnz, [&](int64_t p) { kt.sdd_batch_major(args, p); });
+      return;
+    }
     const int64_t Bp = round_up(std::max<int64_t>(B, 1), kt.vec_len);
     at::Tensor at_ = to_feature_major<scalar_t>(a, Bp);
     at::Tensor bt = to_feature_major<scalar_t>(b, Bp);
-    SddArgs<scalar_t> args{at_.data_ptr<scalar_t>(), bt.data_ptr<scalar_t>(),
-                           row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), bm, bk,
-                           out.data_ptr<scalar_t>(), Bp};
+    SddArgs<scalar_t> args{at_.data_ptr<scalar_t>(), bt.data_ptr<scalar_t>(), rows, cols, bm, bk,
+                           out_ptr, Bp};
     parallel_dynamic(nnz, [&](int64_t p) { kt.sdd(args, p); });
   });
   return out;
