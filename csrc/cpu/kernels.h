@@ -25,6 +25,22 @@ struct SpmmArgs {
   int64_t ldb;              // padded batch (multiple of tile_b_min)
 };
 
+// dx = dy W on batch-major operands (no transposes), walking block column j:
+//   O[b, j*bk + k] = sum_{e in col j} sum_m A[b, rows(e)*bm + m] * S[perm(e)][m][k]
+// Needs bk % vec_len == 0 (vectors along the block's columns).
+template <typename T>
+struct ColumnArgs {
+  const T* S;               // block values [nnz, bm, bk]
+  const int32_t* offsets;   // t_offsets [n_bcols + 1]
+  const int32_t* rows;      // t_rows [nnz]
+  const int32_t* perm;      // t_perm [nnz]
+  int64_t bm, bk;
+  const T* A;               // [batch, lda]
+  int64_t lda;
+  T* O;                     // [batch, ldo]
+  int64_t ldo;
+};
+
 // Sampled dense x dense: out[p][m][k] = sum_b A[row(p)*bm + m, b] * B[col(p)*bk + k, b]
 // (feature-major operands). The batch-major variant reads A[b, row(p)*bm + m] and
 // B[b, col(p)*bk + k] directly (no transposes) and needs bk % vec_len == 0.
@@ -52,6 +68,8 @@ struct KernelTable {
   void (*sdd)(const SddArgs<T>&, int64_t p);
   // Same on batch-major operands; only for bk % vec_len == 0.
   void (*sdd_batch_major)(const SddArgs<T>&, int64_t p);
+  // Block column j, batch rows [b0, b0 + nb); only for bk % vec_len == 0.
+  void (*dds_columns)(const ColumnArgs<T>&, int64_t j, int64_t b0, int64_t nb);
 };
 
 KernelTable<float> kernels_f32_avx512();

@@ -193,8 +193,52 @@ static void sdd_batch_major(const SddArgs<T>& a, int64_t p) {
   for (; k + L <= a.bk; k += L) sdd_bm_cols<T, 1>(a, p, k);
 }
 
+// dx tile: RB batch rows x KV vectors of block column j. Per m, KV loads of the block row and RB
+// broadcasts of dy feed RB*KV FMAs.
+template <typename T, int RB, int KV>
+static inline void columns_tile(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t k0) {
+  using V = Vec<T>;
+  typename V::type acc[RB][KV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < KV; ++v) acc[r][v] = V::zero();
+  const int64_t bm = a.bm, bk = a.bk, lda = a.lda;
+  for (int64_t e = a.offsets[j]; e < a.offsets[j + 1]; ++e) {
+    const T* s = a.S + (int64_t)a.perm[e] * bm * bk + k0;
+    const T* arow = a.A + b0 * lda + (int64_t)a.rows[e] * bm;
+    for (int64_t m = 0; m < bm; ++m) {
+      typename V::type sv[KV];
+      for (int v = 0; v < KV; ++v) sv[v] = V::load(s + m * bk + v * V::len);
+      for (int r = 0; r < RB; ++r) {
+        const T w = arow[r * lda + m];
+        for (int v = 0; v < KV; ++v) acc[r][v] += w * sv[v];
+      }
+    }
+  }
+  T* o = a.O + b0 * a.ldo + j * bk + k0;
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < KV; ++v) V::store(o + r * a.ldo + v * V::len, acc[r][v]);
+}
+
+template <typename T, int KV>
+static inline void columns_rows(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t nb,
+                                int64_t k0) {
+  constexpr int RB = KV >= 4 ? 4 : 8;
+  int64_t b = b0;
+  for (; b + RB <= b0 + nb; b += RB) columns_tile<T, RB, KV>(a, j, b, k0);
+  for (; b < b0 + nb; ++b) columns_tile<T, 1, KV>(a, j, b, k0);
+}
+
+template <typename T>
+static void dds_columns(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t nb) {
+  constexpr int64_t L = Vec<T>::len;
+  int64_t k = 0;
+  for (; k + 4 * L <= a.bk; k += 4 * L) columns_rows<T, 4>(a, j, b0, nb, k);
+  for (; k + 2 * L <= a.bk; k += 2 * L) columns_rows<T, 2>(a, j, b0, nb, k);
+  for (; k + L <= a.bk; k += L) columns_rows<T, 1>(a, j, b0, nb, k);
+}
+
 template <typename T>
 static KernelTable<T> table(const char* isa) {
   return KernelTable<T>{isa, Vec<T>::len, 4 * Vec<T>::len, &spmm<T>, &sdd<T>,
-                        &sdd_batch_major<T>};
+                        &sdd_batch_major<T>, &dds_columns<T>};
 }

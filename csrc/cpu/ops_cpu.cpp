@@ -131,6 +131,27 @@ at::Tensor dds_typed(const at::Tensor& a, const at::Tensor& values, const at::Te
   return from_feature_major<T>(ot, B);
 }
 
+// x @ W for bk % vec_len == 0: batch-major in and out, parallel over (block column, batch tile).
+template <typename T>
+at::Tensor dds_columns_typed(const at::Tensor& a, const at::Tensor& values,
+                             const at::Tensor& t_offsets, const at::Tensor& t_rows,
+                             const at::Tensor& t_perm, int64_t n_cols) {
+  const KernelTable<T> kt = select_kernels<T>();
+  const at::Tensor ac = a.stride(1) == 1 ? a : a.contiguous();
+  const int64_t B = a.size(0), bm = values.size(1), bk = values.size(2);
+  at::Tensor out = at::empty({B, n_cols}, a.options());
+  ColumnArgs<T> args{values.data_ptr<T>(), t_offsets.data_ptr<int32_t>(),
+                     t_rows.data_ptr<int32_t>(), t_perm.data_ptr<int32_t>(), bm, bk,
+                     ac.data_ptr<T>(), ac.stride(0), out.data_ptr<T>(), n_cols};
+  constexpr int64_t kBatchTile = 64;
+  const int64_t n_bt = (B + kBatchTile - 1) / kBatchTile, n_bcols = n_cols / bk;
+  parallel_dynamic(n_bcols * n_bt, [&](int64_t i) {
+    const int64_t j = i / n_bt, b0 = (i % n_bt) * kBatchTile;
+    kt.dds_columns(args, j, b0, std::min(kBatchTile, B - b0));
+  });
+  return out;
+}
+
 at::Tensor dds_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tensor& row_offsets,
                    const at::Tensor& col_idx, const at::Tensor& t_offsets,
                    const at::Tensor& t_rows, const at::Tensor& t_perm, int64_t n_rows,
@@ -143,7 +164,9 @@ at::Tensor dds_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tens
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_dds_cpu", [&] {
     if (trans_w)  // y[B, M] = a[B, K] W^T: segments are block rows.
       out = dds_typed<scalar_t>(a, v, row_offsets, col_idx, nullptr, n_rows / bm, bm, bk, bk, 1);
-    else          // y[B, K] = a[B, M] W: segments are block columns, via transpose metadata.
+    else if (bk % select_kernels<scalar_t>().vec_len == 0)  // y[B, K] = a[B, M] W
+      out = dds_columns_typed<scalar_t>(a, v, t_offsets, t_rows, t_perm, n_cols);
+    else          // same, feature-major: segments are block columns, via transpose metadata.
       out = dds_typed<scalar_t>(a, v, t_offsets, t_rows, &t_perm, n_cols / bk, bk, bm, 1, bk);
   });
   return out;
