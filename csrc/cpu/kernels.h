@@ -25,7 +25,8 @@ struct SpmmArgs {
   int64_t ldb;              // padded batch (multiple of tile_b_min)
 };
 
-// dx = dy W on batch-major operands (no transposes), walking block column j:
+// dx = dy W on batch-major operands (no activation transposes), walking block column j. With
+// the blocks transposed (S = W^T's blocks, CSR over block rows) the same kernel computes x W^T.
 //   O[b, j*bk + k] = sum_{e in col j} sum_m A[b, rows(e)*bm + m] * S[perm(e)][m][k]
 // Needs bk % vec_len == 0 (vectors along the block's columns).
 template <typename T>
@@ -33,7 +34,7 @@ struct ColumnArgs {
   const T* S;               // block values [nnz, bm, bk]
   const int32_t* offsets;   // t_offsets [n_bcols + 1]
   const int32_t* rows;      // t_rows [nnz]
-  const int32_t* perm;      // t_perm [nnz]
+  const int32_t* perm;      // t_perm [nnz], or nullptr for identity
   int64_t bm, bk;
   const T* A;               // [batch, lda]
   int64_t lda;

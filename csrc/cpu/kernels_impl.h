@@ -203,7 +203,7 @@ static inline void columns_tile(const ColumnArgs<T>& a, int64_t j, int64_t b0, i
     for (int v = 0; v < KV; ++v) acc[r][v] = V::zero();
   const int64_t bm = a.bm, bk = a.bk, lda = a.lda;
   for (int64_t e = a.offsets[j]; e < a.offsets[j + 1]; ++e) {
-    const T* s = a.S + (int64_t)a.perm[e] * bm * bk + k0;
+    const T* s = a.S + (a.perm ? (int64_t)a.perm[e] : e) * bm * bk + k0;
     const T* arow = a.A + b0 * lda + (int64_t)a.rows[e] * bm;
     for (int64_t m = 0; m < bm; ++m) {
       typename V::type sv[KV];

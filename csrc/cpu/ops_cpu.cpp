@@ -131,17 +131,20 @@ at::Tensor dds_typed(const at::Tensor& a, const at::Tensor& values, const at::Te
   return from_feature_major<T>(ot, B);
 }
 
-// x @ W for bk % vec_len == 0: batch-major in and out, parallel over (block column, batch tile).
+// a @ S over block columns of S, batch-major in and out, parallel over (block column, batch
+// tile); needs bk % vec_len == 0. x @ W passes W's blocks with the transpose metadata; x @ W^T
+// passes W's blocks transposed with the row CSR (a value copy far smaller than the activations
+// at the sparsities that matter).
 template <typename T>
 at::Tensor dds_columns_typed(const at::Tensor& a, const at::Tensor& values,
-                             const at::Tensor& t_offsets, const at::Tensor& t_rows,
-                             const at::Tensor& t_perm, int64_t n_cols) {
+                             const at::Tensor& offsets, const at::Tensor& rows,
+                             const at::Tensor* perm, int64_t n_cols) {
   const KernelTable<T> kt = select_kernels<T>();
   const at::Tensor ac = a.stride(1) == 1 ? a : a.contiguous();
   const int64_t B = a.size(0), bm = values.size(1), bk = values.size(2);
   at::Tensor out = at::empty({B, n_cols}, a.options());
-  ColumnArgs<T> args{values.data_ptr<T>(), t_offsets.data_ptr<int32_t>(),
-                     t_rows.data_ptr<int32_t>(), t_perm.data_ptr<int32_t>(), bm, bk,
+  ColumnArgs<T> args{values.data_ptr<T>(), offsets.data_ptr<int32_t>(), rows.data_ptr<int32_t>(),
+                     perm ? perm->data_ptr<int32_t>() : nullptr, bm, bk,
                      ac.data_ptr<T>(), ac.stride(0), out.data_ptr<T>(), n_cols};
   constexpr int64_t kBatchTile = 64;
   const int64_t n_bt = (B + kBatchTile - 1) / kBatchTile, n_bcols = n_cols / bk;
@@ -162,10 +165,14 @@ at::Tensor dds_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tens
   const at::Tensor v = values.contiguous();
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_dds_cpu", [&] {
-    if (trans_w)  // y[B, M] = a[B, K] W^T: segments are block rows.
+    const int64_t vec_len = select_kernels<scalar_t>().vec_len;
+    if (trans_w && bm % vec_len == 0)  // y[B, M] = a[B, K] W^T
+      out = dds_columns_typed<scalar_t>(a, v.transpose(1, 2).contiguous(), row_offsets, col_idx,
+                                        nullptr, n_rows);
+    else if (trans_w)  // same, feature-major: segments are block rows.
       out = dds_typed<scalar_t>(a, v, row_offsets, col_idx, nullptr, n_rows / bm, bm, bk, bk, 1);
-    else if (bk % select_kernels<scalar_t>().vec_len == 0)  // y[B, K] = a[B, M] W
-      out = dds_columns_typed<scalar_t>(a, v, t_offsets, t_rows, t_perm, n_cols);
+    else if (bk % vec_len == 0)  // y[B, K] = a[B, M] W
+      out = dds_columns_typed<scalar_t>(a, v, t_offsets, t_rows, &t_perm, n_cols);
     else          // same, feature-major: segments are block columns, via transpose metadata.
       out = dds_typed<scalar_t>(a, v, t_offsets, t_rows, &t_perm, n_cols / bk, bk, bm, 1, bk);
   });
