@@ -53,7 +53,9 @@ WITH_CUDA = not CPU_ONLY and (
 
 here = os.path.dirname(os.path.abspath(__file__))
 sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-cxx_flags = ["-O3", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+# -fopenmp is required: at::parallel_for is an inline OpenMP template compiled into this library.
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+link_flags = ["-fopenmp"]
 define_macros = []
 if WITH_CUDA:
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -66,10 +68,11 @@ if WITH_CUDA:
         sources,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 else:
     ext = CppExtension("sparsekern._C", sources, define_macros=define_macros,
-                       extra_compile_args={"cxx": cxx_flags})
+                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 setup(
     ext_modules=[ext],

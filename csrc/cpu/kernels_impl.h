@@ -193,18 +193,27 @@ static void sdd_batch_major(const SddArgs<T>& a, int64_t p) {
   for (; k + L <= a.bk; k += L) sdd_bm_cols<T, 1>(a, p, k);
 }
 
-// dx tile: RB batch rows x KV vectors of block column j. Per m, KV loads of the block row and RB
-// broadcasts of dy feed RB*KV FMAs.
+// Column tile: RB batch rows x KV vectors of block column j over blocks [e_begin, e_end). Per m,
+// KV loads of the block row and RB broadcasts of the activation feed RB*KV FMAs. Partial sums
+// live in the output between block chunks (first: start from zero).
 template <typename T, int RB, int KV>
-static inline void columns_tile(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t k0) {
+static inline void columns_tile(const ColumnArgs<T>& a, int64_t e_begin, int64_t e_end,
+                                bool first, int64_t j, int64_t b0, int64_t k0) {
   using V = Vec<T>;
+  T* o = a.O + b0 * a.ldo + j * a.bk + k0;
   typename V::type acc[RB][KV];
   for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < KV; ++v) acc[r][v] = V::zero();
+    for (int v = 0; v < KV; ++v)
+      acc[r][v] = first ? V::zero() : V::load(o + r * a.ldo + v * V::len);
   const int64_t bm = a.bm, bk = a.bk, lda = a.lda;
-  for (int64_t e = a.offsets[j]; e < a.offsets[j + 1]; ++e) {
+  for (int64_t e = e_begin; e < e_end; ++e) {
     const T* s = a.S + (a.perm ? (int64_t)a.perm[e] : e) * bm * bk + k0;
     const T* arow = a.A + b0 * lda + (int64_t)a.rows[e] * bm;
+    if (e + 1 < e_end) {  // the next block's activations jump elsewhere: fetch them early
+      const T* next = a.A + b0 * lda + (int64_t)a.rows[e + 1] * bm;
+      for (int r = 0; r < RB; ++r)
+        for (int64_t m = 0; m < bm; m += 64 / sizeof(T)) __builtin_prefetch(next + r * lda + m);
+    }
     for (int64_t m = 0; m < bm; ++m) {
       typename V::type sv[KV];
       for (int v = 0; v < KV; ++v) sv[v] = V::load(s + m * bk + v * V::len);
@@ -214,18 +223,28 @@ static inline void columns_tile(const ColumnArgs<T>& a, int64_t j, int64_t b0, i
       }
     }
   }
-  T* o = a.O + b0 * a.ldo + j * bk + k0;
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < KV; ++v) V::store(o + r * a.ldo + v * V::len, acc[r][v]);
 }
 
+// The column's blocks are taken in chunks that stay in L1 while every batch tile reuses them.
 template <typename T, int KV>
 static inline void columns_rows(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t nb,
                                 int64_t k0) {
   constexpr int RB = KV >= 4 ? 4 : 8;
-  int64_t b = b0;
-  for (; b + RB <= b0 + nb; b += RB) columns_tile<T, RB, KV>(a, j, b, k0);
-  for (; b < b0 + nb; ++b) columns_tile<T, 1, KV>(a, j, b, k0);
+  constexpr int64_t kL1Bytes = 16 * 1024;
+  const int64_t per_block = a.bm * KV * VEC_BYTES;
+  const int64_t chunk = per_block >= kL1Bytes ? 1 : kL1Bytes / per_block;
+  const int64_t e0 = a.offsets[j], e1 = a.offsets[j + 1];
+  int64_t c = e0;
+  do {
+    const int64_t c_end = e1 - c > chunk ? c + chunk : e1;
+    const bool first = c == e0;
+    int64_t b = b0;
+    for (; b + RB <= b0 + nb; b += RB) columns_tile<T, RB, KV>(a, c, c_end, first, j, b, k0);
+    for (; b < b0 + nb; ++b) columns_tile<T, 1, KV>(a, c, c_end, first, j, b, k0);
+    c = c_end;
+  } while (c < e1);
 }
 
 template <typename T>

@@ -1,0 +1,591 @@
+"""sparsekern.ops: the public ops dds/sdd and the native kernels behind backend "cpu".
+
+Every result is compared with sparsekern.reference and with the loop-built float64 oracle of
+conftest.py (never with another kernel of the package).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsekern
+from sparsekern import backends, ops, reference
+from conftest import (BATCHES, BLOCK_SHAPES, DTYPES, TOPOLOGY_KINDS, assert_close, make_matrix,
+                      oracle_blocks, oracle_dds, oracle_dense, oracle_sdd, randn)
+
+dds_native = torch.ops.sparsekern._dds_native
+sdd_native = torch.ops.sparsekern._sdd_native
+
+ids_shape = [f"{bm}x{bk}" for bm, bk in BLOCK_SHAPES]
+ids_dtype = ["f32", "f64"]
+
+
+def _sizes(m):
+    Mp, Kp = m.padded_shape
+    bm, bk = m.block_shape
+    return Mp, Kp, bm, bk
+
+
+# ---- 1. correctness against the reference and the oracle ----------------------------------------
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("kind", TOPOLOGY_KINDS)
+@pytest.mark.parametrize("block_shape", BLOCK_SHAPES, ids=ids_shape)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype)
+def test_dds_trans_w_true_cpu_matches_reference(dtype, block_shape, kind, batch, gen):
+    m = make_matrix(block_shape, kind, dtype)
+    Mp, Kp, _, _ = _sizes(m)
+    x = randn(batch, Kp, dtype=dtype, generator=gen)
+    y = ops.dds(x, m.values, *m.topology(), n_rows=Mp, n_cols=Kp, trans_w=True, backend="cpu")
+    assert y.dtype == dtype and y.shape == (batch, Mp)
+    ref = reference.dds(x, m.values, m.row_idx, m.col_idx, Mp, Kp, True)
+    assert_close(y, ref.double(), dtype)
+    assert_close(y, oracle_dds(x, m.values, m.row_offsets, m.col_idx, Mp, Kp, True), dtype)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("kind", TOPOLOGY_KINDS)
+@pytest.mark.parametrize("block_shape", BLOCK_SHAPES, ids=ids_shape)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype)
+def test_dds_trans_w_false_cpu_matches_reference(dtype, block_shape, kind, batch, gen):
+    m = make_matrix(block_shape, kind, dtype)
+    Mp, Kp, _, _ = _sizes(m)
+    dy = randn(batch, Mp, dtype=dtype, generator=gen)
+    y = ops.dds(dy, m.values, *m.topology(), n_rows=Mp, n_cols=Kp, trans_w=False, backend="cpu")
+    assert y.dtype == dtype and y.shape == (batch, Kp)
+    ref = reference.dds(dy, m.values, m.row_idx, m.col_idx, Mp, Kp, False)
+    assert_close(y, ref.double(), dtype)
+    assert_close(y, oracle_dds(dy, m.values, m.row_offsets, m.col_idx, Mp, Kp, False), dtype)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("kind", TOPOLOGY_KINDS)
+@pytest.mark.parametrize("block_shape", BLOCK_SHAPES, ids=ids_shape)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype)
+def test_sdd_cpu_matches_reference(dtype, block_shape, kind, batch, gen):
+    m = make_matrix(block_shape, kind, dtype)
+    Mp, Kp, bm, bk = _sizes(m)
+    a = randn(batch, Mp, dtype=dtype, generator=gen)
+    b = randn(batch, Kp, dtype=dtype, generator=gen)
+    out = ops.sdd(a, b, *m.topology(), bm=bm, bk=bk, backend="cpu")
+    assert out.dtype == dtype and out.shape == (m.nnz_blocks, bm, bk)
+    ref = reference.sdd(a, b, m.row_idx, m.col_idx, bm, bk)
+    assert_close(out, ref.double(), dtype)
+    assert_close(out, oracle_sdd(a, b, m.row_idx, m.col_idx, bm, bk), dtype)
+
+
+@pytest.mark.parametrize("block_shape", [(1, 1), (3, 5), (16, 8), (16, 16)], ids=str)
+def test_reference_backend_matches_oracle(block_shape, gen):
+    m = make_matrix(block_shape, "sparse", torch.float64)
+    Mp, Kp, bm, bk = _sizes(m)
+    x, dy = randn(5, Kp, generator=gen), randn(5, Mp, generator=gen)
+    topo = m.topology()
+    assert_close(ops.dds(x, m.values, *topo, Mp, Kp, True, "reference"),
+                 oracle_dds(x, m.values, m.row_offsets, m.col_idx, Mp, Kp, True))
+    assert_close(ops.dds(dy, m.values, *topo, Mp, Kp, False, "reference"),
+                 oracle_dds(dy, m.values, m.row_offsets, m.col_idx, Mp, Kp, False))
+    assert_close(ops.sdd(dy, x, *topo, bm, bk, "reference"),
+                 oracle_sdd(dy, x, m.row_idx, m.col_idx, bm, bk))
+
+
+def test_batch_zero(gen):
+    m = make_matrix((4, 4), "sparse", torch.float32)
+    Mp, Kp, bm, bk = _sizes(m)
+    topo = m.topology()
+    assert ops.dds(torch.empty(0, Kp), m.values, *topo, Mp, Kp, True, "cpu").shape == (0, Mp)
+    assert ops.dds(torch.empty(0, Mp), m.values, *topo, Mp, Kp, False, "cpu").shape == (0, Kp)
+    out = ops.sdd(torch.empty(0, Mp), torch.empty(0, Kp), *topo, bm, bk, "cpu")
+    assert out.shape == (m.nnz_blocks, bm, bk)
+    assert torch.equal(out, torch.zeros_like(out))  # an empty sum, not uninitialised memory
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype)
+def test_large_segments_and_batch(dtype, gen):
+    """Block rows/columns long enough for the L1-chunked paths, batch over several tiles."""
+    for block_shape, grid in (((1, 1), (6, 700)), ((2, 4), (4, 150)), ((16, 16), (3, 40))):
+        m = make_matrix(block_shape, "dense", dtype, grid=grid)
+        Mp, Kp, bm, bk = _sizes(m)
+        x, dy = randn(130, Kp, dtype=dtype, generator=gen), randn(130, Mp, dtype=dtype,
+                                                                 generator=gen)
+        topo = m.topology()
+        w = oracle_dense(m.values, m.row_offsets, m.col_idx, Mp, Kp)
+        assert_close(ops.dds(x, m.values, *topo, Mp, Kp, True, "cpu"), x.double() @ w.t(), dtype)
+        assert_close(ops.dds(dy, m.values, *topo, Mp, Kp, False, "cpu"), dy.double() @ w, dtype)
+        assert_close(ops.sdd(dy, x, *topo, bm, bk, "cpu"),
+                     oracle_blocks(dy.double().t() @ x.double(), m.row_idx, m.col_idx, bm, bk),
+                     dtype)
+
+
+def test_auto_backend_uses_cpu_kernels_for_cpu_tensors(backend_spy, gen):
+    m = make_matrix((4, 4), "sparse", torch.float32)
+    Mp, Kp, bm, bk = _sizes(m)
+    x = randn(3, Kp, dtype=torch.float32, generator=gen)
+    y = ops.dds(x, m.values, *m.topology(), Mp, Kp, True)
+    assert backend_spy.calls == [("cpu", "dds")]
+    assert_close(y, oracle_dds(x, m.values, m.row_offsets, m.col_idx, Mp, Kp, True))
+
+
+def test_auto_backend_falls_back_to_reference_for_other_dtypes(backend_spy, gen):
+    m = make_matrix((4, 4), "sparse", torch.float16)
+    Mp, Kp, _, _ = _sizes(m)
+    x = randn(3, Kp, dtype=torch.float16, generator=gen)
+    y = ops.dds(x, m.values, *m.topology(), Mp, Kp, True)
+    assert backend_spy.calls == [("reference", "dds")]
+    assert y.dtype == torch.float16
+    assert_close(y, oracle_dds(x, m.values, m.row_offsets, m.col_idx, Mp, Kp, True))
+
+
+# ---- 5. non-contiguous and transposed inputs -----------------------------------------------------
+LAYOUTS = ("contiguous", "transposed", "col_strided", "row_strided", "col_offset", "expanded")
+
+
+def _layout(batch: int, width: int, layout: str, dtype, gen) -> torch.Tensor:
+    if layout == "contiguous":
+        x = randn(batch, width, dtype=dtype, generator=gen)
+    elif layout == "transposed":   # [width, batch].t(): column-major
+        x = randn(width, batch, dtype=dtype, generator=gen).t()
+    elif layout == "col_strided":  # every other column of a wider matrix
+        x = randn(batch, 2 * width, dtype=dtype, generator=gen)[:, ::2]
+    elif layout == "row_strided":  # every other row, unit column stride, large row stride
+        x = randn(2 * batch, width + 3, dtype=dtype, generator=gen)[::2, 3:]
+    elif layout == "col_offset":   # unit column stride, row stride > width, storage offset
+        x = randn(batch, width + 5, dtype=dtype, generator=gen)[:, 2:width + 2]
+    elif layout == "expanded":     # row stride 0
+        x = randn(1, width, dtype=dtype, generator=gen).expand(batch, width)
+    else:
+        raise ValueError(layout)
+    assert x.shape == (batch, width)
+    if layout != "contiguous" and batch > 1:
+        assert not x.is_contiguous()
+    return x
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("block_shape", [(1, 1), (4, 4), (16, 16), (16, 8), (3, 5), (8, 32)],
+                         ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype)
+def test_non_contiguous_inputs(dtype, block_shape, layout, batch, gen):
+    m = make_matrix(block_shape, "sparse", dtype)
+    Mp, Kp, bm, bk = _sizes(m)
+    topo = m.topology()
+    x = _layout(batch, Kp, layout, dtype, gen)
+    dy = _layout(batch, Mp, layout, dtype, gen)
+    w = oracle_dense(m.values, m.row_offsets, m.col_idx, Mp, Kp)
+    assert_close(ops.dds(x, m.values, *topo, Mp, Kp, True, "cpu"), x.double() @ w.t(), dtype)
+    assert_close(ops.dds(dy, m.values, *topo, Mp, Kp, False, "cpu"), dy.double() @ w, dtype)
+    expected = oracle_sdd(dy, x, m.row_idx, m.col_idx, bm, bk)
+    assert_close(ops.sdd(dy, x, *topo, bm, bk, "cpu"), expected, dtype)
+    # mixed layouts: one operand contiguous, the other not
+    assert_close(ops.sdd(dy.contiguous(), x, *topo, bm, bk, "cpu"), expected, dtype)
+    assert_close(ops.sdd(dy, x.contiguous(), *topo, bm, bk, "cpu"), expected, dtype)
+
+
+@pytest.mark.parametrize("block_shape", [(4, 4), (16, 16), (3, 5), (16, 8)], ids=str)
+def test_non_contiguous_values(block_shape, gen):
+    m = make_matrix(block_shape, "sparse", torch.float32)
+    Mp, Kp, _, _ = _sizes(m)
+    # same numbers, column-major inside each block
+    values = m.values.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(values, m.values) and not values.is_contiguous()
+    x = randn(5, Kp, dtype=torch.float32, generator=gen)
+    dy = randn(5, Mp, dtype=torch.float32, generator=gen)
+    w = oracle_dense(m.values, m.row_offsets, m.col_idx, Mp, Kp)
+    assert_close(ops.dds(x, values, *m.topology(), Mp, Kp, True, "cpu"), x.double() @ w.t())
+    assert_close(ops.dds(dy, values, *m.topology(), Mp, Kp, False, "cpu"), dy.double() @ w)
+
+
+# ---- 2. autograd ---------------------------------------------------------------------------------
+GRAD_CASES = [((1, 1), "sparse", (3, 4)), ((3, 5), "sparse", (3, 4)), ((4, 4), "dense", (3, 3)),
+              ((8, 8), "sparse", (3, 3)), ((2, 8), "sparse", (3, 3)), ((3, 5), "nnz0", (3, 3))]
+GRAD_IDS = [f"{bs[0]}x{bs[1]}-{kind}" for bs, kind, _ in GRAD_CASES]
+
+
+def _grad_inputs(block_shape, kind, grid, gen, batch=4):
+    m = make_matrix(block_shape, kind, torch.float64, grid=grid)
+    Mp, Kp, bm, bk = _sizes(m)
+    values = m.values.clone().requires_grad_()
+    x = randn(batch, Kp, generator=gen).requires_grad_()
+    dy = randn(batch, Mp, generator=gen).requires_grad_()
+    return m, values, x, dy
+
+
+@pytest.mark.parametrize("trans_w", [True, False])
+@pytest.mark.parametrize("block_shape,kind,grid", GRAD_CASES, ids=GRAD_IDS)
+def test_dds_gradcheck(block_shape, kind, grid, trans_w, gen):
+    m, values, x, dy = _grad_inputs(block_shape, kind, grid, gen)
+    Mp, Kp, _, _ = _sizes(m)
+    topo = m.topology()
+    a = x if trans_w else dy
+
+    def f(a, values):
+        return ops.dds(a, values, *topo, Mp, Kp, trans_w, "cpu")
+
+    assert torch.autograd.gradcheck(f, (a, values))
+
+
+@pytest.mark.parametrize("block_shape,kind,grid", GRAD_CASES, ids=GRAD_IDS)
+def test_sdd_gradcheck(block_shape, kind, grid, gen):
+    m, _, x, dy = _grad_inputs(block_shape, kind, grid, gen)
+    _, _, bm, bk = _sizes(m)
+    topo = m.topology()
+    assert torch.autograd.gradcheck(lambda a, b: ops.sdd(a, b, *topo, bm, bk, "cpu"), (dy, x))
+
+
+@pytest.mark.parametrize("trans_w", [True, False])
+@pytest.mark.parametrize("block_shape", [(3, 5), (8, 8)], ids=str)
+def test_dds_gradgradcheck(block_shape, trans_w, gen):
+    m, values, x, dy = _grad_inputs(block_shape, "sparse", (3, 3), gen, batch=3)
+    Mp, Kp, _, _ = _sizes(m)
+    topo = m.topology()
+    a = x if trans_w else dy
+    assert torch.autograd.gradgradcheck(
+        lambda a, v: ops.dds(a, v, *topo, Mp, Kp, trans_w, "cpu"), (a, values))
+
+
+def test_sdd_gradgradcheck(gen):
+    m, _, x, dy = _grad_inputs((3, 5), "sparse", (3, 3), gen, batch=3)
+    _, _, bm, bk = _sizes(m)
+    topo = m.topology()
+    assert torch.autograd.gradgradcheck(lambda a, b: ops.sdd(a, b, *topo, bm, bk, "cpu"),
+                                        (dy, x))
+
+
+@pytest.mark.parametrize("block_shape", BLOCK_SHAPES, ids=ids_shape)
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype)
+def test_backward_matches_explicit_formulas(dtype, block_shape, gen):
+    """y = x W^T: dx = g W and dW = stored blocks of g^T x, by hand in float64."""
+    m = make_matrix(block_shape, "sparse", dtype)
+    Mp, Kp, bm, bk = _sizes(m)
+    values = m.values.clone().requires_grad_()
+    x = randn(37, Kp, dtype=dtype, generator=gen).requires_grad_()
+    g = randn(37, Mp, dtype=dtype, generator=gen)
+    y = ops.dds(x, values, *m.topology(), Mp, Kp, True, "cpu")
+    y.backward(g)
+    w = oracle_dense(m.values, m.row_offsets, m.col_idx, Mp, Kp)
+    assert_close(x.grad, g.double() @ w, dtype)
+    assert_close(values.grad, oracle_blocks(g.double().t() @ x.double(), m.row_idx, m.col_idx,
+                                            bm, bk), dtype)
+
+
+# ---- 3. opcheck ------------------------------------------------------------------------------------
+OPCHECK_CASES = [((4, 4), "sparse", torch.float64), ((16, 8), "dense", torch.float32),
+                 ((8, 8), "sparse", torch.float32), ((3, 5), "nnz0", torch.float64)]
+OPCHECK_IDS = [f"{bs[0]}x{bs[1]}-{kind}-{str(dt)[6:]}" for bs, kind, dt in OPCHECK_CASES]
+
+
+def _opcheck(op, args):
+    torch.library.opcheck(op, args, raise_exception=True)
+
+
+@pytest.mark.parametrize("block_shape,kind,dtype", OPCHECK_CASES, ids=OPCHECK_IDS)
+def test_opcheck_public_ops(block_shape, kind, dtype, gen):
+    m = make_matrix(block_shape, kind, dtype, grid=(3, 4))
+    Mp, Kp, bm, bk = _sizes(m)
+    topo = m.topology()
+    values = m.values.clone().requires_grad_()
+    x = randn(5, Kp, dtype=dtype, generator=gen).requires_grad_()
+    dy = randn(5, Mp, dtype=dtype, generator=gen).requires_grad_()
+    _opcheck(torch.ops.sparsekern.dds.default, (x, values, *topo, Mp, Kp, True))
+    _opcheck(torch.ops.sparsekern.dds.default, (dy, values, *topo, Mp, Kp, False))
+    _opcheck(torch.ops.sparsekern.dds.default, (x, values, *topo, Mp, Kp, True, "cpu"))
+    _opcheck(torch.ops.sparsekern.sdd.default, (dy, x, *topo, bm, bk))
+    _opcheck(torch.ops.sparsekern.sdd.default, (dy, x, *topo, bm, bk, "reference"))
+
+
+@pytest.mark.parametrize("block_shape,kind,dtype", OPCHECK_CASES, ids=OPCHECK_IDS)
+def test_opcheck_native_ops(block_shape, kind, dtype, gen):
+    m = make_matrix(block_shape, kind, dtype, grid=(3, 4))
+    Mp, Kp, bm, bk = _sizes(m)
+    ro, ci, ri, to, tr, tp = m.topology()
+    x = randn(5, Kp, dtype=dtype, generator=gen)
+    dy = randn(5, Mp, dtype=dtype, generator=gen)
+    _opcheck(dds_native.default, (x, m.values, ro, ci, to, tr, tp, Mp, Kp, True))
+    _opcheck(dds_native.default, (dy, m.values, ro, ci, to, tr, tp, Mp, Kp, False))
+    _opcheck(sdd_native.default, (dy, x, ri, ci, bm, bk))
+    # and the native results are right, not only well-formed
+    assert_close(dds_native(x, m.values, ro, ci, to, tr, tp, Mp, Kp, True),
+                 oracle_dds(x, m.values, ro, ci, Mp, Kp, True), dtype)
+    assert_close(dds_native(dy, m.values, ro, ci, to, tr, tp, Mp, Kp, False),
+                 oracle_dds(dy, m.values, ro, ci, Mp, Kp, False), dtype)
+    assert_close(sdd_native(dy, x, ri, ci, bm, bk), oracle_sdd(dy, x, ri, ci, bm, bk), dtype)
+
+
+# ---- 4. bad inputs ----------------------------------------------------------------------------------
+@pytest.fixture
+def w44():
+    """A float32 4x4-block matrix [12, 16] with 3 block rows and 4 block columns."""
+    mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    values = torch.randn(int(mask.sum()), 4, 4, generator=torch.Generator().manual_seed(3))
+    return sparsekern.BlockSparseMatrix.from_block_mask(mask, (4, 4), (12, 16), values=values)
+
+
+def _replace(topo, index, tensor):
+    topo = list(topo)
+    topo[index] = tensor
+    return topo
+
+
+def test_error_wrong_feature_count(w44):
+    topo = w44.topology()
+    with pytest.raises(ValueError, match="input has 15 features, expected 16"):
+        ops.dds(torch.randn(3, 15), w44.values, *topo, 12, 16, True, "cpu")
+    with pytest.raises(ValueError, match="input has 16 features, expected 12"):
+        ops.dds(torch.randn(3, 16), w44.values, *topo, 12, 16, False, "cpu")
+    with pytest.raises(ValueError, match="batch 3 and 4"):
+        ops.sdd(torch.randn(3, 12), torch.randn(4, 16), *topo, 4, 4, "cpu")
+
+
+@pytest.mark.parametrize("shape", [(16,), (2, 3, 16), ()], ids=["1d", "3d", "0d"])
+def test_error_input_not_2d(w44, shape):
+    topo = w44.topology()
+    with pytest.raises(ValueError, match="must be 2-D"):
+        ops.dds(torch.randn(shape), w44.values, *topo, 12, 16, True, "cpu")
+    with pytest.raises(ValueError, match="must be 2-D"):
+        ops.sdd(torch.randn(shape), torch.randn(3, 16), *topo, 4, 4, "cpu")
+    with pytest.raises(ValueError, match="must be 2-D"):
+        ops.sdd(torch.randn(3, 12), torch.randn(shape), *topo, 4, 4, "cpu")
+
+
+def test_error_values_not_3d(w44):
+    with pytest.raises(ValueError, match=r"values must be \[nnz, bm, bk\]"):
+        ops.dds(torch.randn(3, 16), w44.values[0], *w44.topology(), 12, 16, True, "cpu")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])
+def test_error_mixed_dtypes(w44, backend):
+    topo = w44.topology()
+    with pytest.raises(TypeError, match="float32.*float64"):
+        ops.dds(torch.randn(3, 16), w44.values.double(), *topo, 12, 16, True, backend)
+    with pytest.raises(TypeError, match="float64.*float32"):
+        ops.dds(torch.randn(3, 12).double(), w44.values, *topo, 12, 16, False, backend)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.sdd(torch.randn(3, 12), torch.randn(3, 16).double(), *topo, 4, 4, backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "auto"])
+def test_error_int_input(w44, backend):
+    topo = w44.topology()
+    with pytest.raises(TypeError, match="torch.int64"):
+        ops.dds(torch.ones(3, 16, dtype=torch.long), w44.values, *topo, 12, 16, True, backend)
+    with pytest.raises(TypeError, match="floating point"):
+        ops.sdd(torch.ones(3, 12, dtype=torch.long), torch.ones(3, 16, dtype=torch.long),
+                *topo, 4, 4, backend)
+
+
+def test_error_cpu_backend_refuses_int_values(w44):
+    with pytest.raises(RuntimeError, match="'cpu' cannot run dds: supports float32 and float64"):
+        ops.dds(torch.ones(3, 16, dtype=torch.long), w44.values.long(), *w44.topology(), 12, 16,
+                True, "cpu")
+
+
+@pytest.mark.parametrize("bad", [4, 100, -1])
+def test_error_col_idx_out_of_range(w44, bad):
+    col = w44.col_idx.clone()
+    col[2] = bad
+    topo = _replace(w44.topology(), 1, col)
+    with pytest.raises(IndexError, match=f"index {bad} at position 2 is out of range"):
+        ops.dds(torch.randn(3, 16), w44.values, *topo, 12, 16, True, "cpu")
+    with pytest.raises(IndexError, match=f"col_idx {bad} at position 2 is out of range"):
+        ops.sdd(torch.randn(3, 12), torch.randn(3, 16), *topo, 4, 4, "cpu")
+
+
+def test_error_row_idx_out_of_range_sdd(w44):
+    rows = w44.row_idx.clone()
+    rows[0] = 3
+    topo = _replace(w44.topology(), 2, rows)
+    with pytest.raises(IndexError, match="row_idx 3 at position 0 is out of range"):
+        ops.sdd(torch.randn(3, 12), torch.randn(3, 16), *topo, 4, 4, "cpu")
+
+
+def test_error_decreasing_row_offsets(w44):
+    # starts at 0 and ends at nnz=6, but decreases in the middle
+    topo = _replace(w44.topology(), 0, torch.tensor([0, 4, 3, 6], dtype=torch.int32))
+    with pytest.raises(IndexError, match="non-decreasing"):
+        ops.dds(torch.randn(3, 16), w44.values, *topo, 12, 16, True, "cpu")
+    topo = _replace(w44.topology(), 0, torch.tensor([0, 3, 3, 5], dtype=torch.int32))
+    with pytest.raises(IndexError, match="end at nnz=6"):
+        ops.dds(torch.randn(3, 16), w44.values, *topo, 12, 16, True, "cpu")
+
+
+def test_error_bad_transpose_offsets(w44):
+    topo = _replace(w44.topology(), 3, torch.tensor([0, 2, 1, 3, 6], dtype=torch.int32))
+    with pytest.raises(IndexError, match="non-decreasing"):
+        ops.dds(torch.randn(3, 12), w44.values, *topo, 12, 16, False, "cpu")
+    perm = w44.t_perm.clone()
+    perm[0] = 6
+    with pytest.raises(IndexError, match="permutation entry 6 is out of range"):
+        ops.dds(torch.randn(3, 12), w44.values, *_replace(w44.topology(), 5, perm), 12, 16,
+                False, "cpu")
+
+
+@pytest.mark.parametrize("index,name", list(enumerate(
+    ["row_offsets", "col_idx", "row_idx", "t_offsets", "t_rows", "t_perm"])))
+def test_error_int64_topology(w44, index, name):
+    topo = _replace(w44.topology(), index, w44.topology()[index].long())
+    with pytest.raises(TypeError, match=f"{name} must be int32, got torch.int64"):
+        ops.dds(torch.randn(3, 16), w44.values, *topo, 12, 16, True, "cpu")
+    with pytest.raises(TypeError, match=f"{name} must be int32"):
+        ops.sdd(torch.randn(3, 12), torch.randn(3, 16), *topo, 4, 4, "reference")
+
+
+def test_error_topology_wrong_length(w44):
+    topo = _replace(w44.topology(), 1, w44.col_idx[:-1].contiguous())
+    with pytest.raises(ValueError, match="col_idx must be 1-D with 6 elements"):
+        ops.dds(torch.randn(3, 16), w44.values, *topo, 12, 16, True, "cpu")
+
+
+def test_error_block_shape_vs_matrix_shape(w44):
+    with pytest.raises(ValueError, match=r"not a multiple of the block shape \(4, 4\)"):
+        ops.dds(torch.randn(3, 18), w44.values, *w44.topology(), 12, 18, True, "cpu")
+    with pytest.raises(ValueError, match="not a multiple of the block shape"):
+        ops.sdd(torch.randn(3, 12), torch.randn(3, 16), *w44.topology(), 5, 4, "cpu")
+    with pytest.raises(ValueError, match="not a multiple of the block shape"):
+        ops.sdd(torch.randn(3, 12), torch.randn(3, 16), *w44.topology(), 0, 4, "cpu")
+
+
+def test_error_unknown_backend(w44):
+    with pytest.raises(ValueError, match="unknown sparsekern backend 'tpu'.*'cpu'"):
+        ops.dds(torch.randn(3, 16), w44.values, *w44.topology(), 12, 16, True, "tpu")
+    with pytest.raises(ValueError, match="unknown sparsekern backend 'tpu'"):
+        ops.sdd(torch.randn(3, 12), torch.randn(3, 16), *w44.topology(), 4, 4, "tpu")
+    with pytest.raises(ValueError, match="unknown sparsekern backend 'tpu'"):
+        with sparsekern.backend("tpu"):
+            pass
+    assert backends._scope == []
+
+
+def test_error_forcing_cuda_backend_on_cpu_tensors(w44):
+    x = torch.randn(3, 16)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run dds: .+"):
+        ops.dds(x, w44.values, *w44.topology(), 12, 16, True, "cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run sdd: .+"):
+        ops.sdd(torch.randn(3, 12), x, *w44.topology(), 4, 4, "cuda")
+    with sparsekern.backend("cuda"):
+        with pytest.raises(RuntimeError, match="backend 'cuda' cannot run dds: .+"):
+            ops.dds(x, w44.values, *w44.topology(), 12, 16, True)
+    if sparsekern.ops.native_extension().cuda_compiled:
+        with pytest.raises(RuntimeError, match="runs on CUDA tensors only, got cpu"):
+            ops.dds(x, w44.values, *w44.topology(), 12, 16, True, "cuda")
+
+
+# native ops called directly: every bad index must raise, never reach a kernel
+def _native_dds_args(w, trans_w=True):
+    ro, ci, _, to, tr, tp = w.topology()
+    a = torch.randn(3, 16 if trans_w else 12)
+    return [a, w.values, ro, ci, to, tr, tp, 12, 16, trans_w]
+
+
+@pytest.mark.parametrize("case", [
+    "col_big", "col_neg", "row_offsets_end", "row_offsets_decreasing", "t_rows_big",
+    "t_perm_big", "t_perm_neg", "t_offsets_end", "short_col_idx", "int64_index",
+    "non_contiguous_index", "wrong_features", "mixed_dtype", "values_2d", "zero_block"])
+def test_native_dds_bad_arguments_raise(w44, case):
+    trans_w = case not in ("t_rows_big", "t_perm_big", "t_perm_neg", "t_offsets_end")
+    args = _native_dds_args(w44, trans_w)
+    expected, match = IndexError, "out of range"
+    if case == "col_big":
+        args[3] = args[3].clone(); args[3][-1] = 1 << 20
+    elif case == "col_neg":
+        args[3] = args[3].clone(); args[3][0] = -3
+    elif case == "row_offsets_end":
+        args[2] = args[2].clone(); args[2][-1] = 1000; match = "end at nnz"
+    elif case == "row_offsets_decreasing":
+        args[2] = torch.tensor([0, 4, 3, 6], dtype=torch.int32); match = "non-decreasing"
+    elif case == "t_rows_big":
+        args[5] = args[5].clone(); args[5][1] = 3
+    elif case == "t_perm_big":
+        args[6] = args[6].clone(); args[6][1] = 6
+    elif case == "t_perm_neg":
+        args[6] = args[6].clone(); args[6][1] = -1
+    elif case == "t_offsets_end":
+        args[4] = torch.tensor([0, 2, 2, 2, 2], dtype=torch.int32); match = "end at nnz"
+    elif case == "short_col_idx":
+        args[3] = args[3][:-1].contiguous(); expected, match = ValueError, "1-D with 6"
+    elif case == "int64_index":
+        args[3] = args[3].long(); expected, match = TypeError, "must be int32"
+    elif case == "non_contiguous_index":
+        args[3] = torch.stack([args[3], args[3]], 1)[:, 0]; expected, match = ValueError, "contig"
+    elif case == "wrong_features":
+        args[0] = torch.randn(3, 13); expected, match = ValueError, "13 features"
+    elif case == "mixed_dtype":
+        args[0] = args[0].double(); expected, match = TypeError, "dtype"
+    elif case == "values_2d":
+        args[1] = args[1][0]; expected, match = ValueError, r"\[nnz, bm, bk\]"
+    elif case == "zero_block":
+        args[1] = torch.randn(6, 0, 4); expected, match = ValueError, "block shape"
+    with pytest.raises(expected, match=match):
+        dds_native(*args)
+
+
+@pytest.mark.parametrize("case", ["row_big", "col_big", "row_neg", "length_mismatch", "int64",
+                                  "batch_mismatch", "width", "int_operands", "mixed_dtype"])
+def test_native_sdd_bad_arguments_raise(w44, case):
+    a, b = torch.randn(3, 12), torch.randn(3, 16)
+    ri, ci = w44.row_idx.clone(), w44.col_idx.clone()
+    bm, bk = 4, 4
+    expected, match = IndexError, "out of range"
+    if case == "row_big":
+        ri[-1] = 3
+    elif case == "col_big":
+        ci[0] = 1 << 30
+    elif case == "row_neg":
+        ri[0] = -1
+    elif case == "length_mismatch":
+        ci = ci[:-1].contiguous(); expected, match = ValueError, "1-D with 6"
+    elif case == "int64":
+        ri = ri.long(); expected, match = TypeError, "int32"
+    elif case == "batch_mismatch":
+        b = torch.randn(2, 16); expected, match = ValueError, "batch 3 and 2"
+    elif case == "width":
+        bm = 5; expected, match = ValueError, "not multiples of the block shape"
+    elif case == "int_operands":
+        a, b = a.long(), b.long(); expected, match = TypeError, "floating point"
+    elif case == "mixed_dtype":
+        b = b.double(); expected, match = TypeError, "dtype"
+    with pytest.raises(expected, match=match):
+        sdd_native(a, b, ri, ci, bm, bk)
+
+
+# ---- backend scopes and autograd pinning --------------------------------------------------------
+def test_backend_scope_forces_backend(backend_spy, w44):
+    x = torch.randn(3, 16)
+    with sparsekern.backend("reference"):
+        y_ref = ops.dds(x, w44.values, *w44.topology(), 12, 16, True)
+        assert backends._scope == ["reference"]
+    assert backends._scope == []
+    y_cpu = ops.dds(x, w44.values, *w44.topology(), 12, 16, True)
+    assert backend_spy.calls == [("reference", "dds"), ("cpu", "dds")]
+    assert_close(y_ref, y_cpu.double())
+
+
+def test_backend_scope_nesting_and_per_call_override(backend_spy, w44):
+    x = torch.randn(3, 16)
+    topo = w44.topology()
+    with sparsekern.backend("reference"):
+        with sparsekern.backend("cpu"):
+            ops.dds(x, w44.values, *topo, 12, 16, True)
+        ops.dds(x, w44.values, *topo, 12, 16, True)
+        ops.dds(x, w44.values, *topo, 12, 16, True, "cpu")  # explicit per-call name wins
+    assert [n for n, _ in backend_spy.calls] == ["cpu", "reference", "cpu"]
+
+
+def test_backend_scope_is_restored_after_exception(w44):
+    with pytest.raises(RuntimeError, match="boom"):
+        with sparsekern.backend("reference"):
+            raise RuntimeError("boom")
+    assert backends._scope == []
+
+
+def test_backward_reuses_forward_backend(backend_spy, w44):
+    x = torch.randn(5, 16, requires_grad=True)
+    values = w44.values.clone().requires_grad_()
+    with sparsekern.backend("reference"):
+        y = ops.dds(x, values, *w44.topology(), 12, 16, True)
+    y.sum().backward()  # outside the scope: still the reference backend
+    assert backend_spy.calls[0] == ("reference", "dds")
+    assert set(backend_spy.calls[1:]) == {("reference", "dds"), ("reference", "sdd")}
+    w = oracle_dense(w44.values, w44.row_offsets, w44.col_idx, 12, 16)
+    g = torch.ones(5, 12, dtype=torch.float64)
+    assert_close(x.grad, g @ w, torch.float32)
+    assert_close(values.grad, oracle_blocks(g.t() @ x.detach().double(), w44.row_idx,
+                                            w44.col_idx, 4, 4), torch.float32)
