@@ -15,7 +15,7 @@ import torch
 import sparsekern
 from sparsekern import BlockSparseMatrix
 
-# ---- parameter lists --------------------------------------------------------------------------
+# ---- parameter lists -----------------------------------------------------------------------------
 DTYPES = (torch.float32, torch.float64)
 # Square blocks of every size the kernels specialise on, plus non-square ones. With AVX-512 the
 # vector length is 16 (float32) / 8 (float64), so these cover both kernel families (block width a
@@ -59,7 +59,7 @@ def seeded_generator(*key) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# ---- topologies -------------------------------------------------------------------------------
+# ---- topologies ----------------------------------------------------------------------------------
 def make_block_mask(n_br: int, n_bc: int, kind: str, generator: torch.Generator,
                     density: float = 0.5) -> torch.Tensor:
     """A [n_br, n_bc] bool block mask of the given kind (see TOPOLOGY_KINDS)."""
@@ -107,7 +107,7 @@ def randn(*shape, dtype=torch.float64, generator=None) -> torch.Tensor:
     return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
 
 
-# ---- independent oracle ------------------------------------------------------------------------
+# ---- independent oracle --------------------------------------------------------------------------
 def csr_from_mask_loops(mask: torch.Tensor):
     """Expected (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm) as Python lists."""
     n_br, n_bc = mask.shape
@@ -182,7 +182,7 @@ def padding_keep_mask(m: BlockSparseMatrix) -> torch.Tensor:
     return keep
 
 
-# ---- backend spying -----------------------------------------------------------------------------
+# ---- backend spying ------------------------------------------------------------------------------
 class BackendSpy:
     """Records which backend ran each dds/sdd call (wraps the registered backend objects)."""
 
@@ -215,14 +215,10 @@ def gen(request) -> torch.Generator:
     return seeded_generator(request.node.nodeid)
 
 
-# ---- markers ------------------------------------------------------------------------------------
+# ---- markers -------------------------------------------------------------------------------------
 def cuda_available() -> bool:
     ext = sparsekern.ops.native_extension()
     return torch.cuda.is_available() and ext is not None and bool(ext.cuda_compiled)
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA device and a CUDA build of sparsekern")
 
 
 def pytest_collection_modifyitems(config, items):

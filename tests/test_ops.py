@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import sparsekern
-from sparsekern import backends, ops, reference
+from sparsekern import ops, reference
 from conftest import (BATCHES, BLOCK_SHAPES, DTYPES, TOPOLOGY_KINDS, assert_close, make_matrix,
                       oracle_blocks, oracle_dds, oracle_dense, oracle_sdd, randn)
 
@@ -26,7 +26,7 @@ def _sizes(m):
     return Mp, Kp, bm, bk
 
 
-# ---- 1. correctness against the reference and the oracle ----------------------------------------
+# ---- 1. correctness against the reference and the oracle -----------------------------------------
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("kind", TOPOLOGY_KINDS)
 @pytest.mark.parametrize("block_shape", BLOCK_SHAPES, ids=ids_shape)
@@ -100,8 +100,15 @@ def test_batch_zero(gen):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids_dtype)
 def test_large_segments_and_batch(dtype, gen):
-    """Block rows/columns long enough for the L1-chunked paths, batch over several tiles."""
-    for block_shape, grid in (((1, 1), (6, 700)), ((2, 4), (4, 150)), ((16, 16), (3, 40))):
+    """Block rows/columns long enough for the L1-chunked paths, batch over several tiles.
+
+    Thin blocks make the longest segments: (16, 1)/(8, 1) rows of 300 blocks for x @ W^T and
+    (1, 16)/(1, 8) columns of 300 blocks for dy @ W (the batch-major paths), (1, 1) and (2, 4)
+    for the feature-major ones.
+    """
+    for block_shape, grid in (((1, 1), (6, 700)), ((2, 4), (4, 150)), ((16, 16), (3, 40)),
+                              ((16, 1), (2, 300)), ((8, 1), (2, 300)), ((1, 16), (300, 2)),
+                              ((1, 8), (300, 2))):
         m = make_matrix(block_shape, "dense", dtype, grid=grid)
         Mp, Kp, bm, bk = _sizes(m)
         x, dy = randn(130, Kp, dtype=dtype, generator=gen), randn(130, Mp, dtype=dtype,
@@ -267,7 +274,7 @@ def test_backward_matches_explicit_formulas(dtype, block_shape, gen):
                                             bm, bk), dtype)
 
 
-# ---- 3. opcheck ------------------------------------------------------------------------------------
+# ---- 3. opcheck ----------------------------------------------------------------------------------
 OPCHECK_CASES = [((4, 4), "sparse", torch.float64), ((16, 8), "dense", torch.float32),
                  ((8, 8), "sparse", torch.float32), ((3, 5), "nnz0", torch.float64)]
 OPCHECK_IDS = [f"{bs[0]}x{bs[1]}-{kind}-{str(dt)[6:]}" for bs, kind, dt in OPCHECK_CASES]
@@ -310,7 +317,7 @@ def test_opcheck_native_ops(block_shape, kind, dtype, gen):
     assert_close(sdd_native(dy, x, ri, ci, bm, bk), oracle_sdd(dy, x, ri, ci, bm, bk), dtype)
 
 
-# ---- 4. bad inputs ----------------------------------------------------------------------------------
+# ---- 4. bad inputs -------------------------------------------------------------------------------
 @pytest.fixture
 def w44():
     """A float32 4x4-block matrix [12, 16] with 3 block rows and 4 block columns."""
@@ -451,7 +458,15 @@ def test_error_unknown_backend(w44):
     with pytest.raises(ValueError, match="unknown sparsekern backend 'tpu'"):
         with sparsekern.backend("tpu"):
             pass
-    assert backends._scope == []
+
+
+def test_failed_scope_leaves_no_scope_behind(w44, backend_spy):
+    with pytest.raises(ValueError, match="unknown sparsekern backend"):
+        with sparsekern.backend("reference"):
+            with sparsekern.backend("tpu"):
+                pass
+    ops.dds(torch.randn(3, 16), w44.values, *w44.topology(), 12, 16, True)
+    assert backend_spy.calls == [("cpu", "dds")]
 
 
 def test_error_forcing_cuda_backend_on_cpu_tensors(w44):
@@ -546,13 +561,11 @@ def test_native_sdd_bad_arguments_raise(w44, case):
         sdd_native(a, b, ri, ci, bm, bk)
 
 
-# ---- backend scopes and autograd pinning --------------------------------------------------------
+# ---- backend scopes and autograd pinning ---------------------------------------------------------
 def test_backend_scope_forces_backend(backend_spy, w44):
     x = torch.randn(3, 16)
     with sparsekern.backend("reference"):
         y_ref = ops.dds(x, w44.values, *w44.topology(), 12, 16, True)
-        assert backends._scope == ["reference"]
-    assert backends._scope == []
     y_cpu = ops.dds(x, w44.values, *w44.topology(), 12, 16, True)
     assert backend_spy.calls == [("reference", "dds"), ("cpu", "dds")]
     assert_close(y_ref, y_cpu.double())
@@ -569,11 +582,37 @@ def test_backend_scope_nesting_and_per_call_override(backend_spy, w44):
     assert [n for n, _ in backend_spy.calls] == ["cpu", "reference", "cpu"]
 
 
-def test_backend_scope_is_restored_after_exception(w44):
+def test_backend_scope_is_restored_after_exception(w44, backend_spy):
     with pytest.raises(RuntimeError, match="boom"):
         with sparsekern.backend("reference"):
             raise RuntimeError("boom")
-    assert backends._scope == []
+    ops.dds(torch.randn(3, 16), w44.values, *w44.topology(), 12, 16, True)
+    assert backend_spy.calls == [("cpu", "dds")]
+
+
+@pytest.mark.parametrize("block_shape", [(1, 1), (3, 5), (16, 16), (16, 8)], ids=str)
+def test_single_thread_matches_oracle(block_shape, gen):
+    """The kernels' scheduling over threads must not change results (1 thread vs the default)."""
+    m = make_matrix(block_shape, "sparse", torch.float32)
+    Mp, Kp, bm, bk = _sizes(m)
+    topo = m.topology()
+    x = randn(37, Kp, dtype=torch.float32, generator=gen)
+    dy = randn(37, Mp, dtype=torch.float32, generator=gen)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            results.append((ops.dds(x, m.values, *topo, Mp, Kp, True, "cpu"),
+                            ops.dds(dy, m.values, *topo, Mp, Kp, False, "cpu"),
+                            ops.sdd(dy, x, *topo, bm, bk, "cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    w = oracle_dense(m.values, m.row_offsets, m.col_idx, Mp, Kp)
+    for y, dx, dw in results:
+        assert_close(y, x.double() @ w.t())
+        assert_close(dx, dy.double() @ w)
+        assert_close(dw, oracle_sdd(dy, x, m.row_idx, m.col_idx, bm, bk))
 
 
 def test_backward_reuses_forward_backend(backend_spy, w44):
