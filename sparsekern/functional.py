@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from sparsekern import ops
+from sparsekern import backends, ops
 from sparsekern.bsr import BlockSparseMatrix
 
 
@@ -24,6 +24,9 @@ def bsr_linear(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     x = input.reshape(-1, in_features)
     if Kp != in_features:  # the padding stays invisible: zeros in, sliced out
         x = F.pad(x, (0, Kp - in_features))
+    # Resolve the backend scope here, in traced Python, so torch.compile guards on it (a name
+    # resolved inside the op's autograd would be frozen into the compiled backward).
+    backend = backends.resolve_name(backend)
     y = ops.dds(x, weight.values, *weight.topology(), Mp, Kp, True, backend)
     if Mp != out_features:
         y = y[:, :out_features]

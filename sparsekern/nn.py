@@ -38,6 +38,21 @@ class _BlockSparseWeight(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        # The incoming topology may differ (other nnz, other block shape) but must describe a
+        # matrix of this layer's logical shape.
+        values = state_dict.get(prefix + "values")
+        row_offsets = state_dict.get(prefix + "row_offsets")
+        t_offsets = state_dict.get(prefix + "t_offsets")
+        if values is not None and row_offsets is not None and t_offsets is not None:
+            M, K = self.weight_shape
+            bm, bk = (int(values.shape[1]), int(values.shape[2])) if values.dim() == 3 else (0, 0)
+            grid = (row_offsets.numel() - 1, t_offsets.numel() - 1)
+            if bm < 1 or bk < 1 or grid != (-(-M // bm), -(-K // bk)):
+                error_msgs.append(
+                    f"size mismatch for {prefix}values/row_offsets/t_offsets: the checkpoint "
+                    f"holds a block-sparse matrix of block grid {grid} with blocks {(bm, bk)}, "
+                    f"which does not describe this layer's [{M}, {K}] weight")
+                return
         # Adopt the incoming topology's sizes so the default loader can copy into them.
         for name in ("values",) + TOPOLOGY_FIELDS:
             incoming = state_dict.get(prefix + name)

@@ -77,15 +77,16 @@ def _check_topology(topo, nnz: int, n_rows: int, n_cols: int, bm: int, bk: int, 
             raise ValueError(f"{name} is on {t.device} but the operands are on {device}")
 
 
-def _check_dense(t: Tensor, name: str, width: int, dtype, device) -> None:
+def _check_dense(t: Tensor, name: str, width: int, dtype, device, other="the block values"
+                 ) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [batch, features], got shape {tuple(t.shape)}")
     if t.shape[1] != width:
         raise ValueError(f"{name} has {t.shape[1]} features, expected {width}")
     if t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but the block values have {dtype}")
+        raise TypeError(f"{name} has dtype {t.dtype} but {other} has {dtype}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the block values are on {device}")
+        raise ValueError(f"{name} is on {t.device} but {other} is on {device}")
 
 
 # ---- public ops ----------------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Ten
     if not a.is_floating_point():
         raise TypeError(f"sdd operands must be floating point, got {a.dtype}")
     _check_topology(topo, col_idx.shape[0], a.shape[1], b.shape[1], bm, bk, a.device)
-    _check_dense(b, "sdd right operand", b.shape[1], a.dtype, a.device)
+    _check_dense(b, "sdd right operand", b.shape[1], a.dtype, a.device, "the left operand")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"sdd operands have batch {a.shape[0]} and {b.shape[0]}")
     impl = backends.select("sdd", backend, a, a.dtype)
@@ -147,6 +148,8 @@ def _dds_setup_context(ctx, inputs, output):
     a, values, *topo, n_rows, n_cols, trans_w, backend = inputs
     ctx.save_for_backward(a, values, *topo)
     # Pin the backend the forward ran under, so a backward outside a `backend(...)` scope matches.
+    # (Under torch.compile this runs at trace time; functional.py resolves the scope earlier,
+    # where dynamo guards on it.)
     ctx.meta = (n_rows, n_cols, trans_w, backends.resolve_name(backend))
 
 

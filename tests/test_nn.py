@@ -311,10 +311,6 @@ def test_state_dict_from_dense_converted_layer():
     assert torch.equal(dst(x), src(x))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SparseLinear._load_from_state_dict adopts the "
-                   "incoming topology sizes without checking them against the module's "
-                   "[out_features, in_features]; a state_dict of another layer shape loads "
-                   "without error (nn.Linear raises 'size mismatch')")
 def test_state_dict_of_another_shape_is_rejected():
     src = SparseLinear(50, 30, bias=False, block_size=(8, 8), density=0.5)
     dst = SparseLinear(50, 40, bias=False, block_size=(8, 8), density=0.5)
@@ -389,11 +385,6 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(y_comp, dense(x), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: under torch.compile the backend of the backward "
-                   "is fixed when the graph is traced (ops._dds_setup_context resolves the "
-                   "`backend(...)` scope at trace time and the name is baked into the compiled, "
-                   "disk-cached backward graph), so a later `with sparsekern.backend(...)` "
-                   "changes the forward only; eager pins the backward to the forward's backend")
 def test_torch_compile_backward_follows_backend_scope(backend_spy, monkeypatch):
     # no compile caches: a cached graph traced under another scope would change the first half
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
