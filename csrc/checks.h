@@ -51,11 +51,12 @@ inline void check_dense(const at::Tensor& a, const char* name, at::ScalarType dt
                     " but the kernel runs on ", device);
 }
 
-inline void check_dds_args(const at::Tensor& a, const at::Tensor& values,
-                           const at::Tensor& row_offsets, const at::Tensor& col_idx,
-                           const at::Tensor& t_offsets, const at::Tensor& t_rows,
-                           const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols, bool trans_w,
-                           c10::DeviceType device) {
+// Everything about W and its topology; the dense operand only for dtype and device.
+inline void check_dds_topology(const at::Tensor& a, const at::Tensor& values,
+                               const at::Tensor& row_offsets, const at::Tensor& col_idx,
+                               const at::Tensor& t_offsets, const at::Tensor& t_rows,
+                               const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols,
+                               bool trans_w, c10::DeviceType device) {
   TORCH_CHECK_VALUE(values.dim() == 3, "sparsekern: values must be [nnz, bm, bk], got shape ",
                     values.sizes());
   TORCH_CHECK_VALUE(values.device().type() == device, "sparsekern: values are on ",
@@ -65,9 +66,6 @@ inline void check_dds_args(const at::Tensor& a, const at::Tensor& values,
                     "sparsekern: matrix shape [", n_rows, ", ", n_cols,
                     "] is not a multiple of the block shape (", bm, ", ", bk, ")");
   check_dense(a, "input", values.scalar_type(), device);
-  TORCH_CHECK_VALUE(a.size(1) == (trans_w ? n_cols : n_rows), "sparsekern: input has ",
-                    a.size(1), " features but the sparse matrix [", n_rows, ", ", n_cols,
-                    "] needs ", (trans_w ? n_cols : n_rows), (trans_w ? " (x @ W^T)" : " (x @ W)"));
   const int64_t n_brows = n_rows / bm, n_bcols = n_cols / bk;
   check_index_tensor(row_offsets, "row_offsets", n_brows + 1, device);
   check_index_tensor(col_idx, "col_idx", nnz, device);
@@ -78,6 +76,62 @@ inline void check_dds_args(const at::Tensor& a, const at::Tensor& values,
     check_csr(row_offsets, col_idx, nullptr, n_brows, n_bcols, nnz, "row_offsets/col_idx");
   else
     check_csr(t_offsets, t_rows, &t_perm, n_bcols, n_brows, nnz, "t_offsets/t_rows/t_perm");
+}
+
+inline void check_dds_args(const at::Tensor& a, const at::Tensor& values,
+                           const at::Tensor& row_offsets, const at::Tensor& col_idx,
+                           const at::Tensor& t_offsets, const at::Tensor& t_rows,
+                           const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols, bool trans_w,
+                           c10::DeviceType device) {
+  check_dds_topology(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
+                     trans_w, device);
+  TORCH_CHECK_VALUE(a.size(1) == (trans_w ? n_cols : n_rows), "sparsekern: input has ",
+                    a.size(1), " features but the sparse matrix [", n_rows, ", ", n_cols,
+                    "] needs ", (trans_w ? n_cols : n_rows), (trans_w ? " (x @ W^T)" : " (x @ W)"));
+}
+
+// Implicit-GEMM view of a conv2d: activations are NHWC rows [N*H*W, C] (input) and [N*P*Q, *]
+// (output); W is [C_out (padded), R*S*C] with the reduction ordered (r, s, c).
+struct ConvGeometry {
+  int64_t N, H, W, C, R, S, sh, sw, ph, pw, dh, dw, P, Q;
+  int64_t in_rows() const { return N * H * W; }
+  int64_t out_rows() const { return N * P * Q; }
+};
+
+inline ConvGeometry check_conv_geometry(at::IntArrayRef conv, int64_t n_cols, int64_t bk) {
+  TORCH_CHECK_VALUE(conv.size() == 14, "sparsekern: conv geometry must be [N, H, W, C, R, S, "
+                    "stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, P, Q], got ", conv.size(),
+                    " values");
+  ConvGeometry g{conv[0], conv[1], conv[2], conv[3], conv[4],  conv[5],  conv[6],
+                 conv[7], conv[8], conv[9], conv[10], conv[11], conv[12], conv[13]};
+  TORCH_CHECK_VALUE(g.N >= 0 && g.H > 0 && g.W > 0 && g.C > 0 && g.R > 0 && g.S > 0 && g.sh > 0 &&
+                        g.sw > 0 && g.ph >= 0 && g.pw >= 0 && g.dh > 0 && g.dw > 0,
+                    "sparsekern: invalid conv geometry ", conv);
+  TORCH_CHECK_VALUE(g.P == (g.H + 2 * g.ph - g.dh * (g.R - 1) - 1) / g.sh + 1 && g.P > 0 &&
+                        g.Q == (g.W + 2 * g.pw - g.dw * (g.S - 1) - 1) / g.sw + 1 && g.Q > 0,
+                    "sparsekern: conv output size [", g.P, ", ", g.Q,
+                    "] does not follow from the geometry ", conv);
+  TORCH_CHECK_VALUE(n_cols == g.R * g.S * g.C, "sparsekern: conv weight has ", n_cols,
+                    " columns but R*S*C = ", g.R * g.S * g.C);
+  TORCH_CHECK_VALUE(g.C % bk == 0, "sparsekern: the block width ", bk,
+                    " must divide the input channels ", g.C, " (a block sits at one filter tap)");
+  return g;
+}
+
+inline ConvGeometry check_dds_conv_args(const at::Tensor& a, const at::Tensor& values,
+                                        const at::Tensor& row_offsets, const at::Tensor& col_idx,
+                                        const at::Tensor& t_offsets, const at::Tensor& t_rows,
+                                        const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols,
+                                        bool trans_w, at::IntArrayRef conv,
+                                        c10::DeviceType device) {
+  check_dds_topology(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
+                     trans_w, device);
+  const ConvGeometry g = check_conv_geometry(conv, n_cols, values.size(2));
+  const int64_t rows = trans_w ? g.in_rows() : g.out_rows();
+  const int64_t width = trans_w ? g.C : n_rows;
+  TORCH_CHECK_VALUE(a.size(0) == rows && a.size(1) == width, "sparsekern: conv input must be [",
+                    rows, ", ", width, "] (NHWC rows), got ", a.sizes());
+  return g;
 }
 
 inline void check_sdd_args(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,
@@ -105,6 +159,34 @@ inline void check_sdd_args(const at::Tensor& a, const at::Tensor& b, const at::T
     TORCH_CHECK_INDEX(cp[p] >= 0 && cp[p] < n_bcols, "sparsekern: col_idx ", cp[p],
                       " at position ", p, " is out of range [0, ", n_bcols, ")");
   }
+}
+
+inline ConvGeometry check_sdd_conv_args(const at::Tensor& a, const at::Tensor& b,
+                                        const at::Tensor& row_idx, const at::Tensor& col_idx,
+                                        int64_t bm, int64_t bk, at::IntArrayRef conv,
+                                        c10::DeviceType device) {
+  TORCH_CHECK_VALUE(bm > 0 && bk > 0, "sparsekern: block shape must be positive");
+  TORCH_CHECK_VALUE(conv.size() == 14, "sparsekern: conv geometry must have 14 values");
+  const int64_t n_cols = conv[4] * conv[5] * conv[3];
+  const ConvGeometry g = check_conv_geometry(conv, n_cols, bk);
+  check_dense(a, "sdd left operand", a.scalar_type(), device);
+  check_dense(b, "sdd right operand", a.scalar_type(), device);
+  TORCH_CHECK_VALUE(a.size(0) == g.out_rows() && a.size(1) % bm == 0,
+                    "sparsekern: conv sdd left operand must be [N*P*Q, C_out padded], got ",
+                    a.sizes());
+  TORCH_CHECK_VALUE(b.size(0) == g.in_rows() && b.size(1) == g.C,
+                    "sparsekern: conv sdd right operand must be [N*H*W, C], got ", b.sizes());
+  const int64_t nnz = row_idx.numel();
+  check_index_tensor(row_idx, "row_idx", nnz, device);
+  check_index_tensor(col_idx, "col_idx", nnz, device);
+  const at::Tensor r = row_idx.cpu(), c = col_idx.cpu();
+  const int32_t *rp = r.data_ptr<int32_t>(), *cp = c.data_ptr<int32_t>();
+  const int64_t n_brows = a.size(1) / bm, n_bcols = n_cols / bk;
+  for (int64_t p = 0; p < nnz; ++p)
+    TORCH_CHECK_INDEX(rp[p] >= 0 && rp[p] < n_brows && cp[p] >= 0 && cp[p] < n_bcols,
+                      "sparsekern: block (", rp[p], ", ", cp[p], ") at position ", p,
+                      " is out of range for a ", n_brows, " x ", n_bcols, " block grid");
+  return g;
 }
 
 }  // namespace sparsekern

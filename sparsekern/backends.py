@@ -31,13 +31,14 @@ def _native():
 class Backend:
     name = ""
 
-    def refuse(self, op: str, a: Tensor, dtype: torch.dtype, trans_w: bool) -> str | None:
+    def refuse(self, op: str, a: Tensor, dtype: torch.dtype, trans_w: bool, conv: bool
+               ) -> str | None:
         raise NotImplementedError
 
-    def dds(self, a, values, topo, n_rows, n_cols, trans_w):  # pragma: no cover - interface
+    def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None):  # pragma: no cover
         raise NotImplementedError
 
-    def sdd(self, a, b, topo, bm, bk):  # pragma: no cover - interface
+    def sdd(self, a, b, topo, bm, bk, conv=None):  # pragma: no cover - interface
         raise NotImplementedError
 
 
@@ -46,7 +47,7 @@ class NativeCPU(Backend):
 
     name = "cpu"
 
-    def refuse(self, op, a, dtype, trans_w):
+    def refuse(self, op, a, dtype, trans_w, conv):
         if _native() is None:
             return "the compiled extension sparsekern._C is not available"
         if a.device.type != "cpu":
@@ -55,14 +56,14 @@ class NativeCPU(Backend):
             return f"supports float32 and float64, got {dtype}"
         return None
 
-    def dds(self, a, values, topo, n_rows, n_cols, trans_w):
+    def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None):
         row_offsets, col_idx, _, t_offsets, t_rows, t_perm = topo
         return torch.ops.sparsekern._dds_native(a, values, row_offsets, col_idx, t_offsets, t_rows,
-                                                t_perm, n_rows, n_cols, trans_w)
+                                                t_perm, n_rows, n_cols, trans_w, conv)
 
-    def sdd(self, a, b, topo, bm, bk):
+    def sdd(self, a, b, topo, bm, bk, conv=None):
         _, col_idx, row_idx, _, _, _ = topo
-        return torch.ops.sparsekern._sdd_native(a, b, row_idx, col_idx, bm, bk)
+        return torch.ops.sparsekern._sdd_native(a, b, row_idx, col_idx, bm, bk, conv)
 
 
 class NativeCUDA(NativeCPU):
@@ -70,7 +71,7 @@ class NativeCUDA(NativeCPU):
 
     name = "cuda"
 
-    def refuse(self, op, a, dtype, trans_w):
+    def refuse(self, op, a, dtype, trans_w, conv):
         ext = _native()
         if ext is None:
             return "the compiled extension sparsekern._C is not available"
@@ -80,8 +81,8 @@ class NativeCUDA(NativeCPU):
             return f"runs on CUDA tensors only, got {a.device}"
         if dtype not in NATIVE_DTYPES:
             return f"supports float32 and float64, got {dtype}"
-        if op != "dds" or not trans_w:
-            return "implements only dds with trans_w=True (x @ W^T) so far"
+        if op != "dds" or not trans_w or conv:
+            return "implements only the linear dds with trans_w=True (x @ W^T) so far"
         return None
 
 
@@ -90,15 +91,19 @@ class Reference(Backend):
 
     name = "reference"
 
-    def refuse(self, op, a, dtype, trans_w):
+    def refuse(self, op, a, dtype, trans_w, conv):
         return None
 
-    def dds(self, a, values, topo, n_rows, n_cols, trans_w):
+    def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None):
         _, col_idx, row_idx, _, _, _ = topo
+        if conv:
+            return reference.dds_conv(a, values, row_idx, col_idx, n_rows, n_cols, trans_w, conv)
         return reference.dds(a, values, row_idx, col_idx, n_rows, n_cols, trans_w)
 
-    def sdd(self, a, b, topo, bm, bk):
+    def sdd(self, a, b, topo, bm, bk, conv=None):
         _, col_idx, row_idx, _, _, _ = topo
+        if conv:
+            return reference.sdd_conv(a, b, row_idx, col_idx, bm, bk, conv)
         return reference.sdd(a, b, row_idx, col_idx, bm, bk)
 
 
@@ -144,18 +149,18 @@ def resolve_name(requested: str) -> str:
 _warned_fallback = False
 
 
-def select(op: str, requested: str, a: Tensor, dtype: torch.dtype, trans_w: bool = True
-           ) -> Backend:
+def select(op: str, requested: str, a: Tensor, dtype: torch.dtype, trans_w: bool = True,
+           conv: bool = False) -> Backend:
     global _warned_fallback
     name = resolve_name(requested)
     if name != "auto":
-        reason = BACKENDS[name].refuse(op, a, dtype, trans_w)
+        reason = BACKENDS[name].refuse(op, a, dtype, trans_w, conv)
         if reason is not None:
             raise RuntimeError(f"sparsekern backend {name!r} cannot run {op}: {reason}")
         return BACKENDS[name]
     reasons = []
     for candidate in AUTO_ORDER:
-        reason = BACKENDS[candidate].refuse(op, a, dtype, trans_w)
+        reason = BACKENDS[candidate].refuse(op, a, dtype, trans_w, conv)
         if reason is None:
             if candidate == "reference" and _native() is None and not _warned_fallback:
                 _warned_fallback = True

@@ -1,6 +1,7 @@
 """Functional API over the ops: logical shapes, padding, leading batch dims, bias."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -33,3 +34,84 @@ def bsr_linear(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     if bias is not None:
         y = y + bias
     return y.reshape(*lead, out_features)
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    if len(v) != 2:
+        raise ValueError(f"{name} must be an int or a pair, got {v!r}")
+    return int(v[0]), int(v[1])
+
+
+def conv_padding(padding, kernel_size, dilation, stride) -> tuple[int, int]:
+    """Resolves int / pair / 'valid' / 'same' (symmetric only) to (pad_h, pad_w)."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError("padding='same' is not supported for strided convolutions")
+        pads = []
+        for k, d in zip(kernel_size, dilation):
+            total = d * (k - 1)
+            if total % 2:
+                raise ValueError("padding='same' needs an odd effective kernel size here")
+            pads.append(total // 2)
+        return tuple(pads)
+    if isinstance(padding, str):
+        raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
+    pad = _pair(padding, "padding")
+    if min(pad) < 0:
+        raise ValueError(f"padding must be non-negative, got {padding!r}")
+    return pad
+
+
+def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = None, stride=1,
+               padding=0, dilation=1, *, kernel_size=None, backend: str = "auto") -> Tensor:
+    """2-D convolution (groups=1, zero padding) with a block-sparse weight.
+
+    weight: the implicit-GEMM matrix [C_out, R*S*C_in], reduction ordered (r, s, c): a block is
+    bm output channels x bk input channels at one filter tap (bk must divide C_in).
+    input [N, C_in, H, W] (NCHW or channels_last) or [C_in, H, W] -> [N, C_out, P, Q], in the
+    input's memory format. kernel_size defaults to the square kernel R*S = K / C_in implies.
+    """
+    if input.dim() == 3:
+        return bsr_conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation,
+                          kernel_size=kernel_size, backend=backend).squeeze(0)
+    if input.dim() != 4:
+        raise ValueError(f"bsr_conv2d expects a 3-D or 4-D input, got shape {tuple(input.shape)}")
+    N, C, H, W = input.shape
+    C_out, K = weight.shape
+    if kernel_size is None:
+        taps = K // C if C and K % C == 0 else 0
+        side = int(round(taps ** 0.5))
+        if side * side != taps or taps == 0:
+            raise ValueError(f"input has {C} channels but the weight has {K} columns: not "
+                             f"C_in * R * S for a square kernel (pass kernel_size)")
+        kernel_size = (side, side)
+    R, S = _pair(kernel_size, "kernel_size")
+    if K != R * S * C:
+        raise ValueError(f"input has {C} channels but the weight expects {K // (R * S)} "
+                         f"(weight [C_out, R*S*C_in] = [{C_out}, {K}], kernel {R}x{S})")
+    stride, dilation = _pair(stride, "stride"), _pair(dilation, "dilation")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"stride and dilation must be positive, got {stride} and {dilation}")
+    pad = conv_padding(padding, (R, S), dilation, stride)
+    bm, bk = weight.block_shape
+    if C % bk:
+        raise ValueError(f"block width {bk} does not divide the {C} input channels: a block holds "
+                         f"input channels of one filter tap; choose a block width dividing {C}")
+    geometry = ops.conv_geometry((N, C, H, W), (R, S), stride, pad, dilation)
+    P, Q = geometry[-2:]
+    channels_last = input.is_contiguous(memory_format=torch.channels_last) and \
+        not input.is_contiguous()
+    x = input.permute(0, 2, 3, 1).reshape(N * H * W, C)  # no copy for channels_last input
+    Mp, Kp = weight.padded_shape
+    backend = backends.resolve_name(backend)
+    y = ops.dds(x, weight.values, *weight.topology(), Mp, Kp, True, backend, geometry)
+    if Mp != C_out:
+        y = y[:, :C_out]
+    if bias is not None:
+        y = y + bias
+    y = y.reshape(N, P, Q, C_out).permute(0, 3, 1, 2)  # a channels_last view
+    return y if channels_last else y.contiguous()

@@ -13,10 +13,16 @@ Two layers of ops in namespace ``sparsekern``:
 
 A topology is the 6-tuple (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm) of bsr.py.
 All shapes here are the padded shapes; functional.py handles the logical ones.
+
+Conv2d is the same three products on the implicit-GEMM view: pass ``conv`` = the geometry
+[N, H, W, C, R, S, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, P, Q] (see conv_geometry);
+activations are then NHWC rows, x [N*H*W, C] and y [N*P*Q, Mp], W is [Mp, R*S*C] with the
+reduction ordered (r, s, c). The autograd below is the same for both.
 """
 from __future__ import annotations
 
 import importlib
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -27,22 +33,46 @@ from sparsekern import backends
 torch.library.define(
     "sparsekern::_dds_native",
     "(Tensor a, Tensor values, Tensor row_offsets, Tensor col_idx, Tensor t_offsets, "
-    "Tensor t_rows, Tensor t_perm, int n_rows, int n_cols, bool trans_w) -> Tensor",
+    "Tensor t_rows, Tensor t_perm, int n_rows, int n_cols, bool trans_w, int[]? conv=None) "
+    "-> Tensor",
 )
 torch.library.define(
     "sparsekern::_sdd_native",
-    "(Tensor a, Tensor b, Tensor row_idx, Tensor col_idx, int bm, int bk) -> Tensor",
+    "(Tensor a, Tensor b, Tensor row_idx, Tensor col_idx, int bm, int bk, int[]? conv=None) "
+    "-> Tensor",
 )
+
+CONV_FIELDS = ("N", "H", "W", "C", "R", "S", "stride_h", "stride_w", "pad_h", "pad_w", "dil_h",
+               "dil_w", "P", "Q")
+
+
+def conv_geometry(x_shape, kernel_size, stride, padding, dilation) -> list[int]:
+    """The conv argument of the ops for an input of shape [N, C, H, W]."""
+    N, C, H, W = (int(v) for v in x_shape)
+    (R, S), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    P = (H + 2 * ph - dh * (R - 1) - 1) // sh + 1
+    Q = (W + 2 * pw - dw * (S - 1) - 1) // sw + 1
+    if P < 1 or Q < 1:
+        raise ValueError(f"conv output would be empty: input {H}x{W}, kernel {R}x{S}, stride "
+                         f"{(sh, sw)}, padding {(ph, pw)}, dilation {(dh, dw)}")
+    return [N, H, W, C, R, S, sh, sw, ph, pw, dh, dw, P, Q]
+
+
+def _dds_out_shape(a, n_rows, n_cols, trans_w, conv):
+    if conv:
+        N, H, W, C, *_, P, Q = conv
+        return (N * P * Q, n_rows) if trans_w else (N * H * W, C)
+    return (a.shape[0], n_rows if trans_w else n_cols)
 
 
 @torch.library.register_fake("sparsekern::_dds_native")
 def _dds_native_fake(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-                     trans_w):
-    return a.new_empty(a.shape[0], n_rows if trans_w else n_cols)
+                     trans_w, conv=None):
+    return a.new_empty(_dds_out_shape(a, n_rows, n_cols, trans_w, conv))
 
 
 @torch.library.register_fake("sparsekern::_sdd_native")
-def _sdd_native_fake(a, b, row_idx, col_idx, bm, bk):
+def _sdd_native_fake(a, b, row_idx, col_idx, bm, bk, conv=None):
     return a.new_empty(row_idx.shape[0], bm, bk)
 
 
@@ -89,39 +119,65 @@ def _check_dense(t: Tensor, name: str, width: int, dtype, device, other="the blo
         raise ValueError(f"{name} is on {t.device} but {other} is on {device}")
 
 
+def _check_conv(conv, n_cols: int, bk: int) -> None:
+    if len(conv) != len(CONV_FIELDS):
+        raise ValueError(f"conv geometry must be {list(CONV_FIELDS)}, got {len(conv)} values")
+    N, H, W, C, R, S, sh, sw, ph, pw, dh, dw, P, Q = conv
+    if min(H, W, C, R, S, sh, sw, dh, dw) < 1 or min(N, ph, pw) < 0:
+        raise ValueError(f"invalid conv geometry {dict(zip(CONV_FIELDS, conv))}")
+    if [P, Q] != conv_geometry((N, C, H, W), (R, S), (sh, sw), (ph, pw), (dh, dw))[-2:]:
+        raise ValueError(f"conv output size {(P, Q)} does not follow from the geometry")
+    if n_cols != R * S * C:
+        raise ValueError(f"conv weight has {n_cols} columns but R*S*C = {R * S * C}")
+    if C % bk:
+        raise ValueError(f"the block width {bk} must divide the {C} input channels (a block "
+                         f"holds input channels of one filter tap)")
+
+
 # ---- public ops ----------------------------------------------------------------------------------
 @torch.library.custom_op("sparsekern::dds", mutates_args=())
 def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
         t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int, n_cols: int,
-        trans_w: bool, backend: str = "auto") -> Tensor:
+        trans_w: bool, backend: str = "auto", conv: Optional[list[int]] = None) -> Tensor:
     """Dense x block-sparse. W is [n_rows, n_cols] with blocks values [nnz, bm, bk].
 
     trans_w=True:  a [B, n_cols] -> a @ W^T [B, n_rows]
     trans_w=False: a [B, n_rows] -> a @ W   [B, n_cols]
+    With conv (implicit GEMM, NHWC rows): trans_w=True: x [N*H*W, C] -> y [N*P*Q, n_rows];
+    trans_w=False: dy [N*P*Q, n_rows] -> dx [N*H*W, C].
     """
     topo = (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm)
     if values.dim() != 3:
         raise ValueError(f"values must be [nnz, bm, bk], got shape {tuple(values.shape)}")
     nnz, bm, bk = values.shape
     _check_topology(topo, nnz, n_rows, n_cols, bm, bk, values.device)
-    _check_dense(a, "input", n_cols if trans_w else n_rows, values.dtype, values.device)
-    impl = backends.select("dds", backend, a, values.dtype, trans_w)
-    return impl.dds(a, values, topo, n_rows, n_cols, trans_w)
+    if conv:
+        _check_conv(conv, n_cols, bk)
+        N, H, W, C, *_, P, Q = conv
+        rows, width = (N * H * W, C) if trans_w else (N * P * Q, n_rows)
+        _check_dense(a, "conv input", width, values.dtype, values.device)
+        if a.shape[0] != rows:
+            raise ValueError(f"conv input has {a.shape[0]} rows, expected {rows} (NHWC pixels)")
+    else:
+        _check_dense(a, "input", n_cols if trans_w else n_rows, values.dtype, values.device)
+    impl = backends.select("dds", backend, a, values.dtype, trans_w, conv=bool(conv))
+    return impl.dds(a, values, topo, n_rows, n_cols, trans_w, conv or None)
 
 
 @dds.register_fake
 def _dds_fake(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-              trans_w, backend="auto"):
-    return a.new_empty(a.shape[0], n_rows if trans_w else n_cols)
+              trans_w, backend="auto", conv=None):
+    return a.new_empty(_dds_out_shape(a, n_rows, n_cols, trans_w, conv))
 
 
 @torch.library.custom_op("sparsekern::sdd", mutates_args=())
 def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
         t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, bm: int, bk: int,
-        backend: str = "auto") -> Tensor:
+        backend: str = "auto", conv: Optional[list[int]] = None) -> Tensor:
     """Sampled dense x dense: the stored blocks of a^T @ b on the given topology.
 
     a [B, Mp], b [B, Kp] -> [nnz, bm, bk] with block p = a[:, rows of p]^T @ b[:, cols of p].
+    With conv: a = dy [N*P*Q, Mp], b = x [N*H*W, C], and b's columns are the implicit im2col.
     """
     topo = (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm)
     for t, name in ((a, "left"), (b, "right")):
@@ -129,24 +185,33 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Ten
             raise ValueError(f"sdd {name} operand must be 2-D, got shape {tuple(t.shape)}")
     if not a.is_floating_point():
         raise TypeError(f"sdd operands must be floating point, got {a.dtype}")
-    _check_topology(topo, col_idx.shape[0], a.shape[1], b.shape[1], bm, bk, a.device)
     _check_dense(b, "sdd right operand", b.shape[1], a.dtype, a.device, "the left operand")
-    if a.shape[0] != b.shape[0]:
-        raise ValueError(f"sdd operands have batch {a.shape[0]} and {b.shape[0]}")
-    impl = backends.select("sdd", backend, a, a.dtype)
-    return impl.sdd(a, b, topo, bm, bk)
+    if conv:
+        N, H, W, C, R, S, *_, P, Q = conv
+        _check_topology(topo, col_idx.shape[0], a.shape[1], R * S * C, bm, bk, a.device)
+        _check_conv(conv, R * S * C, bk)
+        if a.shape[0] != N * P * Q or tuple(b.shape) != (N * H * W, C):
+            raise ValueError(f"conv sdd operands must be [N*P*Q, Mp] and [N*H*W, C], got "
+                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+    else:
+        _check_topology(topo, col_idx.shape[0], a.shape[1], b.shape[1], bm, bk, a.device)
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"sdd operands have batch {a.shape[0]} and {b.shape[0]}")
+    impl = backends.select("sdd", backend, a, a.dtype, conv=bool(conv))
+    return impl.sdd(a, b, topo, bm, bk, conv or None)
 
 
 @sdd.register_fake
 def _sdd_fake(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
-              backend="auto"):
+              backend="auto", conv=None):
     return a.new_empty(col_idx.shape[0], bm, bk)
 
 
 # ---- autograd, once, over the primitives ---------------------------------------------------------
 def _dds_setup_context(ctx, inputs, output):
-    a, values, *topo, n_rows, n_cols, trans_w, backend = inputs
+    a, values, *topo, n_rows, n_cols, trans_w, backend, conv = inputs
     ctx.save_for_backward(a, values, *topo)
+    ctx.conv = conv
     # Pin the backend the forward ran under, so a backward outside a `backend(...)` scope matches.
     # (Under torch.compile this runs at trace time; functional.py resolves the scope earlier,
     # where dynamo guards on it.)
@@ -158,31 +223,34 @@ def _dds_backward(ctx, grad):
     n_rows, n_cols, trans_w, backend = ctx.meta
     grad_a = grad_values = None
     if ctx.needs_input_grad[0]:
-        grad_a = dds(grad, values, *topo, n_rows, n_cols, not trans_w, backend)
+        grad_a = dds(grad, values, *topo, n_rows, n_cols, not trans_w, backend, ctx.conv)
     if ctx.needs_input_grad[1]:
         bm, bk = values.shape[1], values.shape[2]
         left, right = (grad, a) if trans_w else (a, grad)
-        grad_values = sdd(left, right, *topo, bm, bk, backend)
-    return (grad_a, grad_values) + (None,) * 10
+        grad_values = sdd(left, right, *topo, bm, bk, backend, ctx.conv)
+    return (grad_a, grad_values) + (None,) * 11
 
 
 def _sdd_setup_context(ctx, inputs, output):
-    a, b, *topo, bm, bk, backend = inputs
+    a, b, *topo, bm, bk, backend, conv = inputs
     ctx.save_for_backward(a, b, *topo)
     ctx.meta = (bm, bk, backends.resolve_name(backend))
+    ctx.conv = conv
 
 
 def _sdd_backward(ctx, grad):
     # out = S(a^T b)  =>  da = b @ G^T = dds(b, G, trans_w=True), db = a @ G = dds(a, G, False)
     a, b, *topo = ctx.saved_tensors
     bm, bk, backend = ctx.meta
-    n_rows, n_cols = a.shape[1], b.shape[1]
+    conv = ctx.conv
+    n_rows = a.shape[1]
+    n_cols = conv[4] * conv[5] * conv[3] if conv else b.shape[1]  # R*S*C for conv
     grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_a = dds(b, grad, *topo, n_rows, n_cols, True, backend)
+        grad_a = dds(b, grad, *topo, n_rows, n_cols, True, backend, conv)
     if ctx.needs_input_grad[1]:
-        grad_b = dds(a, grad, *topo, n_rows, n_cols, False, backend)
-    return (grad_a, grad_b) + (None,) * 9
+        grad_b = dds(a, grad, *topo, n_rows, n_cols, False, backend, conv)
+    return (grad_a, grad_b) + (None,) * 10
 
 
 dds.register_autograd(_dds_backward, setup_context=_dds_setup_context)

@@ -11,6 +11,7 @@
 
 #include "../checks.h"
 #include "kernels.h"
+#include "ops_cpu.h"
 
 namespace sparsekern {
 namespace {
@@ -159,12 +160,13 @@ at::Tensor dds_columns_typed(const at::Tensor& a, const at::Tensor& values,
   return out;
 }
 
-at::Tensor dds_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tensor& row_offsets,
-                   const at::Tensor& col_idx, const at::Tensor& t_offsets,
-                   const at::Tensor& t_rows, const at::Tensor& t_perm, int64_t n_rows,
-                   int64_t n_cols, bool trans_w) {
-  check_dds_args(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-                 trans_w, at::kCPU);
+}  // namespace
+
+at::Tensor dds_linear_cpu(const at::Tensor& a, const at::Tensor& values,
+                          const at::Tensor& row_offsets, const at::Tensor& col_idx,
+                          const at::Tensor& t_offsets, const at::Tensor& t_rows,
+                          const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols,
+                          bool trans_w) {
   const int64_t bm = values.size(1), bk = values.size(2);
   const at::Tensor v = values.contiguous();
   at::Tensor out;
@@ -183,9 +185,8 @@ at::Tensor dds_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tens
   return out;
 }
 
-at::Tensor sdd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,
-                   const at::Tensor& col_idx, int64_t bm, int64_t bk) {
-  check_sdd_args(a, b, row_idx, col_idx, bm, bk, at::kCPU);
+at::Tensor sdd_linear_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,
+                          const at::Tensor& col_idx, int64_t bm, int64_t bk) {
   const int64_t nnz = row_idx.numel();
   at::Tensor out = at::empty({nnz, bm, bk}, a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_sdd_cpu", [&] {
@@ -211,11 +212,40 @@ at::Tensor sdd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& r
   return out;
 }
 
-}  // namespace
 
 std::string cpu_isa() {
   return isa_level() == 2 ? "avx512" : (isa_level() == 1 ? "avx2" : "base");
 }
+
+namespace {
+
+at::Tensor dds_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tensor& row_offsets,
+                   const at::Tensor& col_idx, const at::Tensor& t_offsets,
+                   const at::Tensor& t_rows, const at::Tensor& t_perm, int64_t n_rows,
+                   int64_t n_cols, bool trans_w, at::OptionalIntArrayRef conv) {
+  if (conv.has_value() && !conv->empty()) {
+    const ConvGeometry g = check_dds_conv_args(a, values, row_offsets, col_idx, t_offsets, t_rows,
+                                               t_perm, n_rows, n_cols, trans_w, *conv, at::kCPU);
+    return dds_conv_cpu(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows,
+                        n_cols, trans_w, g);
+  }
+  check_dds_args(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
+                 trans_w, at::kCPU);
+  return dds_linear_cpu(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows,
+                        n_cols, trans_w);
+}
+
+at::Tensor sdd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,
+                   const at::Tensor& col_idx, int64_t bm, int64_t bk, at::OptionalIntArrayRef conv) {
+  if (conv.has_value() && !conv->empty()) {
+    const ConvGeometry g = check_sdd_conv_args(a, b, row_idx, col_idx, bm, bk, *conv, at::kCPU);
+    return sdd_conv_cpu(a, b, row_idx, col_idx, bm, bk, g);
+  }
+  check_sdd_args(a, b, row_idx, col_idx, bm, bk, at::kCPU);
+  return sdd_linear_cpu(a, b, row_idx, col_idx, bm, bk);
+}
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("_dds_native", &dds_cpu);

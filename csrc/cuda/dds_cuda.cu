@@ -34,7 +34,9 @@ __global__ void dds_rows_kernel(const T* __restrict__ x, int64_t ldx, int64_t sx
 at::Tensor dds_cuda(const at::Tensor& a, const at::Tensor& values, const at::Tensor& row_offsets,
                     const at::Tensor& col_idx, const at::Tensor& t_offsets,
                     const at::Tensor& t_rows, const at::Tensor& t_perm, int64_t n_rows,
-                    int64_t n_cols, bool trans_w) {
+                    int64_t n_cols, bool trans_w, at::OptionalIntArrayRef conv) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!conv.has_value() || conv->empty(),
+                              "sparsekern: the CUDA C++ backend does not implement conv yet");
   TORCH_CHECK_NOT_IMPLEMENTED(trans_w, "sparsekern: the CUDA C++ backend implements only "
                               "x @ W^T (trans_w=True) so far");
   check_dds_args(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
