@@ -1,4 +1,4 @@
-"""sparsekern: truly block-sparse Linear (and soon Conv2d) with fast forward and backward kernels.
+"""sparsekern: truly block-sparse Linear and Conv2d with fast forward and backward kernels.
 
     import sparsekern
     layer = sparsekern.SparseLinear.from_dense(pruned_linear, block_size=(32, 32))
@@ -8,8 +8,9 @@
 from sparsekern import ops  # noqa: F401  (defines the ops and loads sparsekern._C)
 from sparsekern.backends import backend
 from sparsekern.bsr import BlockSparseMatrix
-from sparsekern.functional import bsr_linear
-from sparsekern.nn import SparseLinear
+from sparsekern.functional import bsr_conv2d, bsr_linear
+from sparsekern.nn import SparseConv2d, SparseLinear, SparsifyReport, sparsify
 
-__all__ = ["BlockSparseMatrix", "SparseLinear", "backend", "bsr_linear", "ops"]
+__all__ = ["BlockSparseMatrix", "SparseConv2d", "SparseLinear", "SparsifyReport", "backend",
+           "bsr_conv2d", "bsr_linear", "ops", "sparsify"]
 __version__ = "0.1.0"
