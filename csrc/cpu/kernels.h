@@ -56,6 +56,7 @@ struct SddArgs {
   int64_t ldb;              // feature-major: padded batch | batch-major: row stride of B
   int64_t lda = 0;          // batch-major: row stride of A
   int64_t batch = 0;        // batch-major: rows of A and B
+  bool accumulate = false;  // batch-major: out += instead of out =
 };
 
 template <typename T>

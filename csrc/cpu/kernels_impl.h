@@ -173,7 +173,10 @@ static inline void sdd_bm_tile(const SddArgs<T>& a, int64_t p, int64_t m0, int64
   }
   T* out = a.out + p * a.bm * a.bk + m0 * a.bk + k0;
   for (int r = 0; r < RM; ++r)
-    for (int v = 0; v < KV; ++v) V::store(out + r * a.bk + v * V::len, acc[r][v]);
+    for (int v = 0; v < KV; ++v) {
+      T* o = out + r * a.bk + v * V::len;
+      V::store(o, a.accumulate ? V::load(o) + acc[r][v] : acc[r][v]);
+    }
 }
 
 template <typename T, int KV>

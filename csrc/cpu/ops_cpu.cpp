@@ -38,7 +38,8 @@ int isa_level() {
   return level;
 }
 
-template <typename T> KernelTable<T> select_kernels();
+}  // namespace
+
 template <> KernelTable<float> select_kernels<float>() {
   static const KernelTable<float> t = isa_level() == 2 ? kernels_f32_avx512()
                                       : isa_level() == 1 ? kernels_f32_avx2()
@@ -51,6 +52,8 @@ template <> KernelTable<double> select_kernels<double>() {
                                                           : kernels_f64_base();
   return t;
 }
+
+namespace {
 
 // Runs fn(i) for i in [0, n) with dynamic scheduling: rows of a pruned matrix are uneven.
 // Items are claimed in chunks (about 64 per thread in all) so that a million tiny items, e.g.

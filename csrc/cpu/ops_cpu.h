@@ -4,8 +4,12 @@
 #include <ATen/ATen.h>
 
 #include "../checks.h"
+#include "kernels.h"
 
 namespace sparsekern {
+
+// The micro-kernels of the widest ISA this CPU supports (SPARSEKERN_ISA may cap it).
+template <typename T> KernelTable<T> select_kernels();
 
 at::Tensor dds_linear_cpu(const at::Tensor& a, const at::Tensor& values,
                           const at::Tensor& row_offsets, const at::Tensor& col_idx,
