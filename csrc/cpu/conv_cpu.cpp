@@ -44,11 +44,12 @@ void pack_rows(const T* x, const ConvGeometry& g, int64_t o0, int64_t rows, T* d
   const int64_t width = g.R * g.S * g.C, C = g.C;
   for (int64_t t = 0; t < rows; ++t)
     for_each_tap(g, o0 + t, [&](int64_t in_row, int64_t tap) {
-      T* d = dst + t * width + tap * C;
-      if (in_row < 0)
-        std::memset(d, 0, C * sizeof(T));
+      T* d = dst + t * width + tap * C;  // plain loops: C can be 1 (LeNet), a call per tap is slow
+      const T* src = in_row < 0 ? nullptr : x + in_row * C;
+      if (src)
+        for (int64_t c = 0; c < C; ++c) d[c] = src[c];
       else
-        std::memcpy(d, x + in_row * C, C * sizeof(T));
+        for (int64_t c = 0; c < C; ++c) d[c] = T(0);
     });
 }
 
