@@ -107,8 +107,10 @@ inline ConvGeometry check_conv_geometry(at::IntArrayRef conv, int64_t n_cols, in
   TORCH_CHECK_VALUE(g.N >= 0 && g.H > 0 && g.W > 0 && g.C > 0 && g.R > 0 && g.S > 0 && g.sh > 0 &&
                         g.sw > 0 && g.ph >= 0 && g.pw >= 0 && g.dh > 0 && g.dw > 0,
                     "sparsekern: invalid conv geometry ", conv);
-  TORCH_CHECK_VALUE(g.P == (g.H + 2 * g.ph - g.dh * (g.R - 1) - 1) / g.sh + 1 && g.P > 0 &&
-                        g.Q == (g.W + 2 * g.pw - g.dw * (g.S - 1) - 1) / g.sw + 1 && g.Q > 0,
+  const int64_t span_h = g.H + 2 * g.ph - g.dh * (g.R - 1) - 1;  // < 0: kernel exceeds input
+  const int64_t span_w = g.W + 2 * g.pw - g.dw * (g.S - 1) - 1;
+  TORCH_CHECK_VALUE(span_h >= 0 && span_w >= 0 && g.P == span_h / g.sh + 1 &&
+                        g.Q == span_w / g.sw + 1,
                     "sparsekern: conv output size [", g.P, ", ", g.Q,
                     "] does not follow from the geometry ", conv);
   TORCH_CHECK_VALUE(n_cols == g.R * g.S * g.C, "sparsekern: conv weight has ", n_cols,

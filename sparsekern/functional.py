@@ -110,8 +110,8 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     Mp, Kp = weight.padded_shape
     backend = backends.resolve_name(backend)
     y = ops.dds(x, weight.values, *weight.topology(), Mp, Kp, True, backend, geometry)
-    if Mp != C_out:
-        y = y[:, :C_out]
+    if Mp != C_out:  # drop the padded channels; keep rows dense so the result is channels_last
+        y = y[:, :C_out].contiguous()
     if bias is not None:
         y = y + bias
     y = y.reshape(N, P, Q, C_out).permute(0, 3, 1, 2)  # a channels_last view

@@ -303,6 +303,21 @@ class SparsifyReport:
         return "\n".join(lines)
 
 
+def _deepcopy_pruned(model: nn.Module) -> nn.Module:
+    """copy.deepcopy that also works on torch.nn.utils.prune'd models, whose `weight` attribute is
+    a non-leaf tensor (weight_orig * weight_mask, recomputed by prune's hook at every forward)."""
+    derived = {m: m.weight for m in model.modules()
+               if hasattr(m, "weight_orig") and hasattr(m, "weight_mask")
+               and isinstance(getattr(m, "weight", None), Tensor)}
+    try:
+        for m, w in derived.items():
+            m.weight = w.detach()
+        return copy.deepcopy(model)
+    finally:
+        for m, w in derived.items():
+            m.weight = w
+
+
 def sparsify(model: nn.Module, block_size=(32, 32), min_sparsity: float = 0.0,
              include=None, inplace: bool = True) -> SparsifyReport:
     """Replaces every pruned nn.Linear / nn.Conv2d by SparseLinear / SparseConv2d.
@@ -315,7 +330,7 @@ def sparsify(model: nn.Module, block_size=(32, 32), min_sparsity: float = 0.0,
     The converted model computes the same function (up to float rounding).
     """
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy_pruned(model)
     report = SparsifyReport(model)
     candidates = [(n, m) for n, m in model.named_modules()
                   if type(m) in (nn.Linear, nn.Conv2d) and n]
@@ -325,7 +340,7 @@ def sparsify(model: nn.Module, block_size=(32, 32), min_sparsity: float = 0.0,
     for name, module in candidates:
         kind = "Linear" if isinstance(module, nn.Linear) else "Conv2d"
         weight, mask = pruned_weight(module)
-        zeros = float((weight == 0).float().mean()) if weight.numel() else 0.0
+        zeros = int((weight == 0).sum()) / weight.numel() if weight.numel() else 0.0
         entry = SparsifyEntry(name, kind, False, "", zeros)
         report.entries.append(entry)
         if include is not None and not include(name, module):

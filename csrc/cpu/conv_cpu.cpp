@@ -166,6 +166,154 @@ at::Tensor conv_grad_values_tiles(const at::Tensor& dy, const at::Tensor& x,
   return out;
 }
 
+// ---- stride-1 "shifted image" path, feature-major, for blocks narrower than a vector -------
+// Each channel is one row of a [channels, ld] buffer holding all N zero-padded images
+// (Hp x Wp each) back to back, after `front` spare elements. For stride 1 the input of output
+// position pos = n*Hp*Wp + p*Wp + q at tap (r, s) sits at pos + r*dh*Wp + s*dw, so every stored
+// block reads whole shifted rows: the spmm/sdd micro-kernels run unchanged with per-block row
+// offsets (SpmmArgs::d_off, SddArgs::a_off/b_off), vectorized along positions, with no im2col.
+// Positions with q >= Q or p >= P are computed and dropped.
+struct WideLayout {
+  int64_t Hp, Wp, img, positions, span, front, ld;
+  WideLayout(const ConvGeometry& g, int64_t tile) {
+    Hp = g.H + 2 * g.ph;
+    Wp = g.W + 2 * g.pw;
+    img = Hp * Wp;
+    positions = g.N * img;
+    span = round_up(std::max<int64_t>(positions, 1), tile);  // positions the kernels compute
+    const int64_t max_shift = (g.R - 1) * g.dh * Wp + (g.S - 1) * g.dw;
+    front = round_up(max_shift, 16);
+    ld = front + span + front;  // front margin: grad input reads back, x reads ahead
+  }
+  int64_t shift(const ConvGeometry& g, int64_t tap) const {
+    return (tap / g.S) * g.dh * Wp + (tap % g.S) * g.dw;
+  }
+};
+
+bool use_shifted_path(const ConvGeometry& g) { return g.sh == 1 && g.sw == 1; }
+
+// NHWC rows [N*H*W, C] -> [C, ld] padded images (in = true), or back (in = false), cropping
+// the rows [rows_h, rows_w] that start at (off_h, off_w) inside each padded image.
+template <typename T>
+void wide_transfer(T* wide, T* rows, const WideLayout& L, int64_t N, int64_t rows_h,
+                   int64_t rows_w, int64_t off_h, int64_t off_w, int64_t C, bool in) {
+  at::parallel_for(0, N * rows_h, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / rows_h, h = i % rows_h;
+      for (int64_t w = 0; w < rows_w; ++w) {
+        T* r = rows + ((n * rows_h + h) * rows_w + w) * C;
+        T* col = wide + L.front + n * L.img + (h + off_h) * L.Wp + (w + off_w);
+        if (in)
+          for (int64_t c = 0; c < C; ++c) col[c * L.ld] = r[c];
+        else
+          for (int64_t c = 0; c < C; ++c) r[c] = col[c * L.ld];
+      }
+    }
+  });
+}
+
+// Runs the spmm kernel over segments x position tiles, tile-major so that a tile of shifted
+// input rows stays in cache while every segment uses it.
+template <typename T>
+void spmm_positions(const KernelTable<T>& kt, const SpmmArgs<T>& args, int64_t n_seg,
+                    const WideLayout& L) {
+  const int64_t n_bt = L.span / kt.tile_b;
+  parallel_dynamic(n_seg * n_bt, [&](int64_t i) {
+    kt.spmm(args, i % n_seg, L.front + (i / n_seg) * kt.tile_b, kt.tile_b);
+  });
+}
+
+template <typename T>
+at::Tensor conv_forward_shifted(const at::Tensor& x, const at::Tensor& values,
+                                const at::Tensor& row_offsets, const at::Tensor& col_idx,
+                                int64_t n_rows, const ConvGeometry& g) {
+  const KernelTable<T> kt = select_kernels<T>();
+  const WideLayout L(g, kt.tile_b);
+  const int64_t nnz = values.size(0), bm = values.size(1), bk = values.size(2);
+  const int64_t n_cb = g.C / bk;
+  at::Tensor xw = at::zeros({g.C, L.ld}, x.options());
+  wide_transfer<T>(xw.data_ptr<T>(), const_cast<T*>(x.data_ptr<T>()), L, g.N, g.H, g.W, g.ph,
+                   g.pw, g.C, true);
+  std::vector<int64_t> d_off(nnz);
+  const int32_t* cols = col_idx.data_ptr<int32_t>();
+  for (int64_t e = 0; e < nnz; ++e)
+    d_off[e] = (cols[e] % n_cb) * bk * L.ld + L.shift(g, cols[e] / n_cb);
+  at::Tensor yw = at::empty({n_rows, L.ld}, x.options());
+  SpmmArgs<T> args{values.data_ptr<T>(), row_offsets.data_ptr<int32_t>(), cols, nullptr, bm,
+                   bk, bk, 1, bm * bk, xw.data_ptr<T>(), yw.data_ptr<T>(), L.ld, d_off.data()};
+  spmm_positions(kt, args, n_rows / bm, L);
+  at::Tensor y = at::empty({g.out_rows(), n_rows}, x.options());
+  wide_transfer<T>(yw.data_ptr<T>(), y.data_ptr<T>(), L, g.N, g.P, g.Q, 0, 0, n_rows, false);
+  return y;
+}
+
+// dx: segments are input-channel blocks; each lists the blocks of its column at every tap,
+// reading grad-output rows shifted back by the tap.
+template <typename T>
+at::Tensor conv_grad_input_shifted(const at::Tensor& dy, const at::Tensor& values,
+                                   const at::Tensor& t_offsets, const at::Tensor& t_rows,
+                                   const at::Tensor& t_perm, int64_t n_rows,
+                                   const ConvGeometry& g) {
+  const KernelTable<T> kt = select_kernels<T>();
+  const WideLayout L(g, kt.tile_b);
+  const int64_t nnz = values.size(0), bm = values.size(1), bk = values.size(2);
+  const int64_t n_cb = g.C / bk, taps = g.R * g.S;
+  at::Tensor dyw = at::zeros({n_rows, L.ld}, dy.options());
+  wide_transfer<T>(dyw.data_ptr<T>(), const_cast<T*>(dy.data_ptr<T>()), L, g.N, g.P, g.Q, 0, 0,
+                   n_rows, true);
+  std::vector<int32_t> seg_offsets(n_cb + 1, 0), perm(nnz);
+  std::vector<int64_t> d_off(nnz);
+  const int32_t *toff = t_offsets.data_ptr<int32_t>(), *trow = t_rows.data_ptr<int32_t>(),
+                *tperm = t_perm.data_ptr<int32_t>();
+  int64_t k = 0;
+  for (int64_t cb = 0; cb < n_cb; ++cb) {
+    for (int64_t tap = 0; tap < taps; ++tap) {
+      const int64_t col = tap * n_cb + cb;
+      for (int64_t e = toff[col]; e < toff[col + 1]; ++e, ++k) {
+        perm[k] = tperm[e];
+        d_off[k] = trow[e] * bm * L.ld - L.shift(g, tap);
+      }
+    }
+    seg_offsets[cb + 1] = (int32_t)k;
+  }
+  at::Tensor dxw = at::empty({g.C, L.ld}, dy.options());
+  SpmmArgs<T> args{values.data_ptr<T>(), seg_offsets.data(), nullptr, perm.data(), bk, bm, 1,
+                   bk, bm * bk, dyw.data_ptr<T>(), dxw.data_ptr<T>(), L.ld, d_off.data()};
+  spmm_positions(kt, args, n_cb, L);
+  at::Tensor dx = at::empty({g.in_rows(), g.C}, dy.options());
+  wide_transfer<T>(dxw.data_ptr<T>(), dx.data_ptr<T>(), L, g.N, g.H, g.W, g.ph, g.pw, g.C, false);
+  return dx;
+}
+
+template <typename T>
+at::Tensor conv_grad_values_shifted(const at::Tensor& dy, const at::Tensor& x,
+                                    const at::Tensor& row_idx, const at::Tensor& col_idx,
+                                    int64_t bm, int64_t bk, const ConvGeometry& g) {
+  const KernelTable<T> kt = select_kernels<T>();
+  const WideLayout L(g, kt.tile_b);
+  const int64_t nnz = row_idx.numel(), n_rows = dy.size(1), n_cb = g.C / bk;
+  at::Tensor dyw = at::zeros({n_rows, L.ld}, dy.options());
+  wide_transfer<T>(dyw.data_ptr<T>(), const_cast<T*>(dy.data_ptr<T>()), L, g.N, g.P, g.Q, 0, 0,
+                   n_rows, true);
+  at::Tensor xw = at::zeros({g.C, L.ld}, x.options());
+  wide_transfer<T>(xw.data_ptr<T>(), const_cast<T*>(x.data_ptr<T>()), L, g.N, g.H, g.W, g.ph,
+                   g.pw, g.C, true);
+  std::vector<int64_t> a_off(nnz), b_off(nnz);
+  const int32_t *rows = row_idx.data_ptr<int32_t>(), *cols = col_idx.data_ptr<int32_t>();
+  for (int64_t p = 0; p < nnz; ++p) {
+    a_off[p] = rows[p] * bm * L.ld + L.front;
+    b_off[p] = (cols[p] % n_cb) * bk * L.ld + L.front + L.shift(g, cols[p] / n_cb);
+  }
+  at::Tensor out = at::empty({nnz, bm, bk}, dy.options());
+  SddArgs<T> args{dyw.data_ptr<T>(), xw.data_ptr<T>(), rows, cols, bm, bk, out.data_ptr<T>(),
+                  L.ld};
+  args.a_off = a_off.data();
+  args.b_off = b_off.data();
+  args.length = L.span;
+  parallel_dynamic(nnz, [&](int64_t p) { kt.sdd(args, p); });
+  return out;
+}
+
 }  // namespace
 
 at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
@@ -183,6 +331,10 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
       out = conv_forward_tiles<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g);
     } else if (!trans_w && v.size(2) % vec_len == 0) {
       out = conv_grad_input_tiles<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g);
+    } else if (trans_w && use_shifted_path(g)) {
+      out = conv_forward_shifted<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g);
+    } else if (!trans_w && use_shifted_path(g)) {
+      out = conv_grad_input_shifted<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g);
     } else if (trans_w) {
       out = at::empty({out_rows, n_rows}, a.options());
       for (int64_t o0 = 0; o0 < out_rows; o0 += chunk) {
@@ -214,6 +366,10 @@ at::Tensor sdd_conv_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tens
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_sdd_conv_cpu", [&] {
     if (bk % select_kernels<scalar_t>().vec_len == 0) {
       out = conv_grad_values_tiles<scalar_t>(a.contiguous(), bc, row_idx, col_idx, bm, bk, g);
+      return;
+    }
+    if (use_shifted_path(g)) {
+      out = conv_grad_values_shifted<scalar_t>(a.contiguous(), bc, row_idx, col_idx, bm, bk, g);
       return;
     }
     for (int64_t o0 = 0; o0 < out_rows; o0 += chunk) {

@@ -23,6 +23,9 @@ struct SpmmArgs {
   const T* D;               // [*, ldb] feature-major dense operand
   T* O;                     // [n_seg*out_rows, ldb] feature-major output
   int64_t ldb;              // padded batch (multiple of tile_b_min)
+  // Optional [nnz] offsets into D of each entry's first dense row (default others*t_len*ldb):
+  // the conv path points them at shifted rows of a padded image buffer.
+  const int64_t* d_off = nullptr;
 };
 
 // dx = dy W on batch-major operands (no activation transposes), walking block column j. With
@@ -57,6 +60,11 @@ struct SddArgs {
   int64_t lda = 0;          // batch-major: row stride of A
   int64_t batch = 0;        // batch-major: rows of A and B
   bool accumulate = false;  // batch-major: out += instead of out =
+  // Feature-major only: optional [nnz] offsets of each block's first A / B row (default
+  // row*bm*ldb, col*bk*ldb) and the dot length (default ldb), for the conv path's shifted rows.
+  const int64_t* a_off = nullptr;
+  const int64_t* b_off = nullptr;
+  int64_t length = 0;
 };
 
 template <typename T>

@@ -37,7 +37,7 @@ static inline void spmm_tile(const SpmmArgs<T>& a, int64_t e_begin, int64_t e_en
   for (int64_t e = e_begin; e < e_end; ++e) {
     const int64_t blk = a.perm ? a.perm[e] : e;
     const T* s = a.S + blk * a.blk_elems + r0 * sr;
-    const T* d = a.D + (int64_t)a.others[e] * t_len * ldb + b0;
+    const T* d = a.D + (a.d_off ? a.d_off[e] : (int64_t)a.others[e] * t_len * ldb) + b0;
     for (int64_t t = 0; t < t_len; ++t) {
       typename V::type dv[NV];
       for (int v = 0; v < NV; ++v) dv[v] = V::load(d + t * ldb + v * V::len);
@@ -100,9 +100,9 @@ static inline void sdd_tile(const SddArgs<T>& a, int64_t p, int64_t m0, int64_t 
     for (int i = 0; i < RM; ++i)
       for (int j = 0; j < RK; ++j) acc[u][i][j] = V::zero();
   const int64_t ldb = a.ldb;
-  const T* arow = a.A + ((int64_t)a.row_idx[p] * a.bm + m0) * ldb;
-  const T* brow = a.B + ((int64_t)a.col_idx[p] * a.bk + k0) * ldb;
-  const int64_t n_vec = ldb / V::len;
+  const T* arow = a.A + (a.a_off ? a.a_off[p] : (int64_t)a.row_idx[p] * a.bm * ldb) + m0 * ldb;
+  const T* brow = a.B + (a.b_off ? a.b_off[p] : (int64_t)a.col_idx[p] * a.bk * ldb) + k0 * ldb;
+  const int64_t n_vec = (a.length ? a.length : ldb) / V::len;
   int64_t c = 0;
   for (; c + U <= n_vec; c += U) {
     for (int u = 0; u < U; ++u) {

@@ -6,7 +6,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <atomic>
 #include <cstring>
 
 #include "../checks.h"
@@ -56,21 +55,6 @@ template <> KernelTable<double> select_kernels<double>() {
 namespace {
 
 // Runs fn(i) for i in [0, n) with dynamic scheduling: rows of a pruned matrix are uneven.
-// Items are claimed in chunks (about 64 per thread in all) so that a million tiny items, e.g.
-// the blocks of a (1,1) topology, do not fight over one atomic counter.
-template <typename F>
-void parallel_dynamic(int64_t n, const F& fn) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n);
-  const int64_t chunk = std::max<int64_t>(1, n / (64 * n_threads));
-  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i0 = next.fetch_add(chunk); i0 < n; i0 = next.fetch_add(chunk))
-      for (int64_t i = i0, i1 = std::min(n, i0 + chunk); i < i1; ++i) fn(i);
-  });
-}
-
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // x [B, F] (any strides) -> [F, Bp] with columns B..Bp zero.
 template <typename T>

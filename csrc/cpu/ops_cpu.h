@@ -2,11 +2,31 @@
 // Arguments are checked by the callers (checks.h).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <atomic>
 
 #include "../checks.h"
 #include "kernels.h"
 
 namespace sparsekern {
+
+inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Runs fn(i) for i in [0, n) with dynamic scheduling (rows of a pruned matrix are uneven).
+// Items are claimed in chunks (about 64 per thread in all) so that a million tiny items, e.g.
+// the blocks of a (1,1) topology, do not fight over one atomic counter.
+template <typename F>
+void parallel_dynamic(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t chunk = std::max<int64_t>(1, n / (64 * n_threads));
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i0 = next.fetch_add(chunk); i0 < n; i0 = next.fetch_add(chunk))
+      for (int64_t i = i0, i1 = std::min(n, i0 + chunk); i < i1; ++i) fn(i);
+  });
+}
 
 // The micro-kernels of the widest ISA this CPU supports (SPARSEKERN_ISA may cap it).
 template <typename T> KernelTable<T> select_kernels();
