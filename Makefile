@@ -31,6 +31,7 @@ test: build
 
 bench: build
 	$(PY) benchmarks/bench_linear.py
+	$(PY) benchmarks/bench_conv.py
 
 clean:
 	rm -rf build sparsekern/*.so $(VENV)
