@@ -143,15 +143,31 @@ EXPLICIT_CASES = [
     (2, 6, 7, 13, 11, 5, 2, 2, 2, (1, 1), "sparse"),
     (1, 4, 4, 3, 3, 5, 1, 2, 1, (4, 4), "sparse"),       # kernel larger than the unpadded input
     (2, 8, 9, 6, 5, (3, 1), (2, 1), (1, 0), (1, 2), (4, 4), "sparse"),  # non-square everything
-    # R*S*C = 1600: the CPU kernel processes the 27*29 output pixels in more than one chunk
-    (1, 64, 40, 27, 29, 5, 1, 2, 1, (32, 32), "sparse"),
+    (1, 4, 6, 5, 6, 3, 2, 4, 1, (4, 4), "sparse"),       # padding larger than the kernel
+    # CPU paths (AVX-512 vector length 16 f32 / 8 f64; AVX2 8 / 4): blocks a multiple of it run
+    # on per-thread 64-row tiles, narrower ones at stride 1 on the "shifted image" path, else
+    # on chunked im2col tiles through the linear kernels.
+    (1, 64, 40, 27, 29, 5, 1, 2, 1, (32, 32), "sparse"),  # many tiles, padded C_out
+    (5, 16, 16, 5, 5, 3, 1, 1, 1, (16, 16), "sparse"),   # 64-row tiles straddle images
+    (3, 16, 20, 9, 10, 3, 1, 1, 1, (16, 16), "sparse"),  # several tiles per image
+    (3, 4, 6, 9, 7, 3, 1, (2, 1), 2, (4, 4), "sparse"),  # shifted: dilation, asymmetric padding
+    (2, 3, 5, 7, 8, 7, 1, 0, 1, (1, 1), "dense"),        # shifted: 1x2 output of 7x8 input
+    (2, 8, 20, 6, 7, 3, 1, 1, 1, (16, 4), "sparse"),     # tiles forward, shifted backward
+    (2, 16, 10, 6, 7, 3, 1, 1, 2, (4, 16), "sparse"),    # shifted forward, tiles backward
+    (2, 16, 16, 7, 6, 3, 2, 1, 1, (4, 16), "sparse"),    # chunked forward, tiles backward
+    (2, 8, 16, 7, 6, 3, 2, 1, 1, (16, 4), "sparse"),     # tiles forward, chunked backward
+    # narrow blocks, stride 2, R*S*C = 1600: 676 output pixels in two chunks of 655
+    (1, 64, 10, 52, 51, 5, 2, 2, 1, (4, 4), "sparse"),
     # LeNet-5 shapes, unstructured
     (2, 1, 20, 28, 28, 5, 1, 0, 1, (1, 1), "sparse"),
     (2, 20, 50, 12, 12, 5, 1, 0, 1, (1, 1), "sparse"),
 ]
 EXPLICIT_IDS = ["1x1-basic", "4x4-pad-cout", "8x8-k5", "16x16-s2d2", "32x32-k3", "4x4-k7-dense",
                 "8x8-nnz0", "16x16-k7-nnz0", "4x4-1x1conv-s2", "32x32-1x1conv-dense",
-                "1x1-k5-s2d2", "4x4-k5-on-3x3", "4x4-nonsquare", "32x32-multichunk",
+                "1x1-k5-s2d2", "4x4-k5-on-3x3", "4x4-nonsquare", "4x4-pad4", "32x32-tiles-k5",
+                "16x16-tiles-straddle", "16x16-tiles-per-image", "4x4-shifted-d2-asym",
+                "1x1-shifted-k7-valid", "16x4-s1", "4x16-s1-d2", "4x16-s2", "16x4-s2",
+                "4x4-s2-multichunk",
                 "lenet-conv1", "lenet-conv2"]
 
 
@@ -161,8 +177,7 @@ def _random_cases(n: int, seed: int = 20240611):
     while len(cases) < n:
         block = rng.choice([(1, 1), (4, 4), (8, 8), (16, 16), (32, 32)])
         bm, bk = block
-        c_in = bk * (rng.choice([1, 2]) if bk <= 8 else 1) * (rng.choice([1, 2, 3]) if bk == 1
-                                                                  else 1)
+        c_in = rng.randint(1, 6) if bk == 1 else bk * (rng.choice([1, 2]) if bk <= 8 else 1)
         c_out = rng.randint(1, 3 * bm) if bm < 32 else rng.choice([20, 32, 45])
         k = rng.choice([1, 3, 5, 7])
         s, p, d = rng.choice([1, 2]), rng.choice([0, 1, 2]), rng.choice([1, 2])
@@ -250,6 +265,68 @@ def test_kernel_size_inferred_for_square_kernels(gen):
     expected = F.conv2d(x, dense_conv_weight(m, 4, 3), None, 1, 1)
     assert_close(bsr_conv2d(x, m, padding=1), expected)
     assert_close(bsr_conv2d(x, m, padding=(1, 1), kernel_size=3), expected)
+
+
+# One case per CPU path (tiles, shifted image, chunked im2col) at both dtypes.
+PATH_CASES = [
+    (3, 16, 20, 9, 10, 3, 1, 1, 1, (16, 16), "sparse"),
+    (3, 4, 6, 9, 7, 3, 1, (2, 1), 2, (4, 4), "sparse"),
+    (2, 8, 6, 7, 6, 3, 2, 1, 1, (2, 2), "sparse"),
+]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_results_do_not_depend_on_the_thread_count(threads, gen):
+    """Per-thread tiles, image ownership and private dW accumulators, with 1 and 3 threads."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for case in PATH_CASES:
+            for dtype in DTYPES:
+                check_bsr_conv2d(case, "cpu", dtype, gen)
+    finally:
+        torch.set_num_threads(old)
+
+
+ISA_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, {tests!r})
+import sparsekern
+from test_conv import check_bsr_conv2d
+from conftest import seeded_generator
+
+checked = 0
+for dtype in (torch.float32, torch.float64):
+    for block in [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (4, 8), (8, 4), (16, 2)]:
+        for stride, dilation in ((1, 1), (1, 2), (2, 1)):
+            case = (2, 16, 13, 7, 6, 3, stride, 1, dilation, block, "sparse")
+            check_bsr_conv2d(case, "cpu", dtype, seeded_generator(case, str(dtype)))
+            checked += 1
+print(json.dumps({{"isa": sparsekern.ops.native_extension().cpu_isa(), "checked": checked}}))
+"""
+
+
+@pytest.mark.parametrize("cap", ["avx2", "base"])
+def test_conv_paths_under_capped_isa(cap):
+    """SPARSEKERN_ISA caps the vector length (read once per process), which moves block shapes
+    between the tiles, shifted-image and chunked paths: each cap runs in a subprocess."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, SPARSEKERN_ISA=cap, OMP_NUM_THREADS="2")
+    script = ISA_SCRIPT.format(tests=str(Path(__file__).resolve().parent))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"SPARSEKERN_ISA={cap}: rc={proc.returncode}\n{proc.stderr}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    native = sparsekern.ops.native_extension().cpu_isa()
+    level = {"base": 0, "avx2": 1, "avx512": 2}
+    assert out["isa"] == (cap if level[native] >= level[cap] else native)
+    assert out["checked"] == 2 * 8 * 3
 
 
 # ---- 2. gradcheck of the ops with a conv geometry ------------------------------------------------
@@ -381,10 +458,11 @@ def _layout_setup(gen, c_out=8, block=(4, 4), dtype=torch.float64):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_channels_last_in_channels_last_out(backend, bias, gen):
-    m, w4 = _layout_setup(gen, c_out=8)  # C_out a multiple of the block height
-    b = randn(8, generator=gen) if bias else None
+@pytest.mark.parametrize("c_out,bias", [(8, True), (8, False), (10, True), (10, False)],
+                         ids=["bias", "nobias", "padded-cout-bias", "padded-cout-nobias"])
+def test_channels_last_in_channels_last_out(backend, c_out, bias, gen):
+    m, w4 = _layout_setup(gen, c_out=c_out)
+    b = randn(c_out, generator=gen) if bias else None
     x64 = randn(2, 8, 7, 9, generator=gen)
     x = x64.to(memory_format=torch.channels_last).requires_grad_()
     assert not x.is_contiguous()
@@ -397,19 +475,6 @@ def test_channels_last_in_channels_last_out(backend, bias, gen):
     y.backward(g)
     y_ref.backward(g)
     assert_close(x.grad, x_ref.grad)
-
-
-@pytest.mark.xfail(strict=True, reason="BUG: bsr_conv2d returns a tensor that is neither "
-                   "channels_last nor contiguous for channels_last input when C_out is not a "
-                   "multiple of the block height and bias is None (the y[:, :C_out] slice of the "
-                   "padded output keeps the row stride Mp)")
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_channels_last_out_with_padded_c_out_and_no_bias(backend, gen):
-    m, w4 = _layout_setup(gen, c_out=10)  # Mp = 12
-    x = randn(2, 8, 7, 9, generator=gen).to(memory_format=torch.channels_last)
-    y = bsr_conv2d(x, m, None, 1, 1, backend=backend)
-    assert_close(y, F.conv2d(x, w4, None, 1, 1))  # the values are right ...
-    assert y.is_contiguous(memory_format=torch.channels_last), y.stride()  # ... the layout not
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -507,7 +572,7 @@ def check_layer_against_dense(layer: SparseConv2d, w4, bias, x, stride, padding,
 
 def test_from_dense_element_mask(gen):
     conv = _conv(8, 10, 3, 1, stride=2, padding=1)
-    mask = torch.rand(conv.weight.shape, generator=gen) < 0.2
+    mask = torch.rand(conv.weight.shape, generator=gen) < 0.1
     layer = SparseConv2d.from_dense(conv, (4, 4), mask=mask)
     assert torch.equal(layer.weight.block_mask(), _expected_block_mask(_gemm(mask), (4, 4)))
     assert 0 < layer.density < 1
@@ -675,6 +740,16 @@ def test_state_dict_round_trip(tmp_path, gen):
     assert dst.values.grad.shape == src.values.shape
 
 
+def test_state_dict_with_another_block_shape_loads(gen):
+    torch.manual_seed(18)
+    src = SparseConv2d(8, 10, 3, padding=1, block_size=(2, 2), density=0.5)
+    dst = SparseConv2d(8, 10, 3, padding=1, block_size=(4, 4), density=0.5)
+    dst.load_state_dict(src.state_dict())
+    assert dst.block_size == (2, 2)
+    x = torch.randn(2, 8, 5, 6, generator=gen)
+    torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
 def test_state_dict_of_another_shape_is_rejected():
     src = SparseConv2d(8, 10, 3, block_size=(4, 4))
     dst = SparseConv2d(8, 10, 5, block_size=(4, 4))
@@ -765,9 +840,9 @@ def test_error_block_width_does_not_divide_in_channels():
         SparseConv2d(6, 8, 3, block_size=(4, 4))
     with pytest.raises(ValueError, match=r"block width 4 does not divide in_channels=6"):
         SparseConv2d.from_dense(nn.Conv2d(6, 8, 3), block_size=(4, 4))
-    # the functional API checks the same (K = 54 is a multiple of the block width 3 here)
-    m = BlockSparseMatrix.random((8, 54), (2, 3), 0.5)
-    with pytest.raises(ValueError, match="block width 3 does not divide the 6 input channels"):
+    # the functional API checks the same
+    m = BlockSparseMatrix.random((8, 54), (2, 4), 0.5)
+    with pytest.raises(ValueError, match="block width 4 does not divide the 6 input channels"):
         bsr_conv2d(torch.randn(1, 6, 5, 5), m, kernel_size=3)
 
 
@@ -827,6 +902,11 @@ def test_error_kernel_larger_than_padded_input(w_conv):
         layer(torch.randn(1, 4, 4, 8))
 
 
+def test_error_dtype_mismatch(w_conv):
+    with pytest.raises(TypeError, match="conv input has dtype torch.float64 but the block values"):
+        bsr_conv2d(torch.randn(1, 4, 5, 5, dtype=torch.float64), w_conv, padding=1)
+
+
 def test_error_cuda_backend_refuses_conv(w_conv):
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run dds"):
         bsr_conv2d(torch.randn(1, 4, 5, 5), w_conv, backend="cuda")
@@ -850,23 +930,27 @@ def _with(conv, **changes):
     return conv
 
 
+# (changes to a valid geometry, match for dds, match for sdd): the native op and the public op
 BAD_GEOMETRIES = [
-    (dict(P=6), "does not follow from the geometry"),         # P inconsistent
-    (dict(Q=5), "does not follow from the geometry"),
-    (dict(C=2, R=6), "does not follow from the geometry|R\\*S\\*C"),  # n_cols ok, P wrong
-    (dict(R=1, S=1, P=5, Q=6, pad_h=0, pad_w=0), "R\\*S\\*C"),  # n_cols != R*S*C
-    (dict(stride_h=0), "invalid conv geometry"),
-    (dict(pad_w=-1), "invalid conv geometry"),
-    (dict(dil_h=0), "invalid conv geometry"),
-    (dict(H=0), "invalid conv geometry"),
-    (dict(N=3), "conv input must be|rows"),                  # rows of x do not match N*H*W
+    (dict(P=6), "does not follow from the geometry", "does not follow from the geometry"),
+    (dict(Q=5), "does not follow from the geometry", "does not follow from the geometry"),
+    # R*S*C still 36, but P no longer follows
+    (dict(C=2, R=6), "does not follow from the geometry", "does not follow from the geometry"),
+    # consistent P, Q but R*S*C = 4 != the weight's 36 columns (sdd cannot know the weight width:
+    # the blocks fall outside the 4-column grid)
+    (dict(R=1, S=1, P=5, Q=6, pad_h=0, pad_w=0), r"R\*S\*C", "out of range|t_offsets must be"),
+    (dict(stride_h=0), "invalid conv geometry", "invalid conv geometry"),
+    (dict(pad_w=-1), "invalid conv geometry", "invalid conv geometry"),
+    (dict(dil_h=0), "invalid conv geometry", "invalid conv geometry"),
+    (dict(H=0), "invalid conv geometry", "invalid conv geometry"),
+    (dict(N=3), "conv input must be|conv input has 60 rows", "conv sdd"),  # x rows != N*H*W
 ]
 BAD_IDS = ["P", "Q", "C-R", "RS", "stride0", "negpad", "dil0", "H0", "N"]
 
 
-@pytest.mark.parametrize("changes,match", BAD_GEOMETRIES, ids=BAD_IDS)
+@pytest.mark.parametrize("changes,match,_", BAD_GEOMETRIES, ids=BAD_IDS)
 @pytest.mark.parametrize("trans_w", [True, False])
-def test_error_native_dds_inconsistent_geometry(changes, match, trans_w):
+def test_error_native_dds_inconsistent_geometry(changes, match, _, trans_w):
     m, conv, x, dy = _native_setup()
     bad = _with(conv, **changes)
     ro, ci, ri, to, tr, tp = m.topology()
@@ -878,12 +962,11 @@ def test_error_native_dds_inconsistent_geometry(changes, match, trans_w):
         ops.dds(a, m.values, *m.topology(), Mp, Kp, trans_w, "cpu", bad)
 
 
-@pytest.mark.parametrize("changes,match", BAD_GEOMETRIES, ids=BAD_IDS)
-def test_error_native_sdd_inconsistent_geometry(changes, match):
+@pytest.mark.parametrize("changes,_,match", BAD_GEOMETRIES, ids=BAD_IDS)
+def test_error_native_sdd_inconsistent_geometry(changes, _, match):
     m, conv, x, dy = _native_setup()
     bad = _with(conv, **changes)
     bm, bk = m.block_shape
-    match = match.replace("conv input must be", "conv sdd")
     with pytest.raises(ANY_ERROR, match=match):
         sdd_native(dy, x, m.row_idx, m.col_idx, bm, bk, bad)
     with pytest.raises(ANY_ERROR, match=match):
@@ -898,25 +981,22 @@ def test_error_native_geometry_wrong_length_and_block_width():
         dds_native(x, m.values, ro, ci, to, tr, tp, Mp, Kp, True, conv[:13])
     with pytest.raises(ANY_ERROR, match="conv geometry must"):
         sdd_native(dy, x, ri, ci, 2, 2, conv + [1])
-    # block width 3 does not divide C = 6 (though it divides K = 54)
-    m3 = make_conv_weight(6, 6, 3, (2, 3), "dense", torch.float64, seeded_generator("bk3"))
-    conv6 = ops.conv_geometry((1, 6, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1))
-    x6 = torch.randn(16, 6, dtype=torch.float64)
+    # block width 3 does not divide C = 4 (though it divides K = 36)
+    m3 = make_conv_weight(6, 4, 3, (2, 3), "dense", torch.float64, seeded_generator("bk3"))
+    conv6 = ops.conv_geometry((1, 4, 4, 4), (3, 3), (1, 1), (1, 1), (1, 1))
+    x6 = torch.randn(16, 4, dtype=torch.float64)
     with pytest.raises(ANY_ERROR, match="block width 3 must divide"):
-        dds_native(x6, m3.values, *[m3.topology()[i] for i in (0, 1, 3, 4, 5)], 6, 54, True,
+        dds_native(x6, m3.values, *[m3.topology()[i] for i in (0, 1, 3, 4, 5)], 6, 36, True,
                    conv6)
     with pytest.raises(ANY_ERROR, match="block width 3 must divide"):
         sdd_native(torch.randn(16, 6, dtype=torch.float64), x6, m3.row_idx, m3.col_idx, 2, 3,
                    conv6)
     with pytest.raises(ANY_ERROR, match="block width 3 must divide"):
-        ops.dds(x6, m3.values, *m3.topology(), 6, 54, True, "reference", conv6)
+        ops.dds(x6, m3.values, *m3.topology(), 6, 36, True, "reference", conv6)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the native conv geometry check (csrc/checks.h "
-                   "check_conv_geometry) computes P, Q with C++ truncating division, so a kernel "
-                   "larger than the padded input with stride > 1 (e.g. H=3, R=4, stride 2: "
-                   "(3-3-1)/2+1 = 1 in C++, 0 by the formula) is accepted and a 1x1 output is "
-                   "computed, where ops.conv_geometry / _check_conv and F.conv2d reject it")
+# Regression: the native check once computed P, Q with C++ truncating division and accepted this
+# geometry (fixed in 516942d).
 def test_error_native_rejects_kernel_larger_than_input_with_stride():
     values = torch.randn(16, 1, 1, dtype=torch.float64)
     m = BlockSparseMatrix.from_block_mask(torch.ones(1, 16, dtype=torch.bool), (1, 1), (1, 16),
@@ -925,11 +1005,16 @@ def test_error_native_rejects_kernel_larger_than_input_with_stride():
         ops.conv_geometry((1, 1, 3, 3), (4, 4), (2, 2), (0, 0), (1, 1))
     bad = [1, 3, 3, 1, 4, 4, 2, 2, 0, 0, 1, 1, 1, 1]  # claims P = Q = 1
     x = torch.randn(9, 1, dtype=torch.float64)
-    with pytest.raises(ValueError, match="does not follow from the geometry"):  # the Python check
+    with pytest.raises(ValueError, match="conv output would be empty"):  # the Python check
         ops.dds(x, m.values, *m.topology(), 1, 16, True, "reference", bad)
     ro, ci, ri, to, tr, tp = m.topology()
     with pytest.raises(ANY_ERROR, match="conv output size"):
         dds_native(x, m.values, ro, ci, to, tr, tp, 1, 16, True, bad)
+    with pytest.raises(ANY_ERROR, match="conv output size"):
+        dds_native(torch.randn(1, 1, dtype=torch.float64), m.values, ro, ci, to, tr, tp, 1, 16,
+                   False, bad)
+    with pytest.raises(ANY_ERROR, match="conv output size"):
+        sdd_native(torch.randn(1, 1, dtype=torch.float64), x, ri, ci, 1, 1, bad)
 
 
 @pytest.mark.parametrize("bad", [-1, 18], ids=["neg", "past_end"])
@@ -978,7 +1063,7 @@ def test_error_native_conv_operand_shapes_and_dtypes():
         sdd_native(dy[:-1], x, ri, ci, 2, 2, conv)
     with pytest.raises(TypeError, match="dtype"):
         sdd_native(dy, x.float(), ri, ci, 2, 2, conv)
-    with pytest.raises(ValueError, match="conv input has 29 rows"):
+    with pytest.raises(ValueError, match="conv input has 59 rows, expected 60"):
         ops.dds(x[:-1], m.values, *m.topology(), Mp, Kp, True, "cpu", conv)
     with pytest.raises(ValueError, match="conv sdd operands must be"):
         ops.sdd(dy, x[:-1], *m.topology(), 2, 2, "cpu", conv)
