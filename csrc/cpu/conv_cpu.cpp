@@ -200,13 +200,13 @@ void wide_transfer(T* wide, T* rows, const WideLayout& L, int64_t N, int64_t row
   at::parallel_for(0, N * rows_h, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / rows_h, h = i % rows_h;
-      for (int64_t w = 0; w < rows_w; ++w) {
-        T* r = rows + ((n * rows_h + h) * rows_w + w) * C;
-        T* col = wide + L.front + n * L.img + (h + off_h) * L.Wp + (w + off_w);
+      T* r = rows + (n * rows_h + h) * rows_w * C;  // one image row, [rows_w, C], in L1
+      T* col = wide + L.front + n * L.img + (h + off_h) * L.Wp + off_w;
+      for (int64_t c = 0; c < C; ++c, col += L.ld) {  // contiguous runs in the wide buffer
         if (in)
-          for (int64_t c = 0; c < C; ++c) col[c * L.ld] = r[c];
+          for (int64_t w = 0; w < rows_w; ++w) col[w] = r[w * C + c];
         else
-          for (int64_t c = 0; c < C; ++c) r[c] = col[c * L.ld];
+          for (int64_t w = 0; w < rows_w; ++w) r[w * C + c] = col[w];
       }
     }
   });
