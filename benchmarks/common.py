@@ -6,22 +6,10 @@ import json
 import os
 import platform
 import subprocess
-import time
 
 import torch
 
-
-def median_ms(fn, repeats: int = 9, warmup: int = 2) -> float:
-    """Median wall time of fn() in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+from sparsekern.timing import median_ms  # noqa: F401  (re-exported for the benchmarks)
 
 
 def machine_info() -> dict:

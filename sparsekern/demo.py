@@ -1,20 +1,9 @@
 """Prune an nn.Linear by block magnitude, convert it to SparseLinear, check it, time it."""
-import time
-
 import torch
 from torch import nn
 
 from sparsekern.nn import SparseLinear
-
-
-def _median_ms(fn, repeats=7):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+from sparsekern.timing import median_ms
 
 
 def block_magnitude_mask(weight: torch.Tensor, block: int, sparsity: float) -> torch.Tensor:
@@ -49,7 +38,7 @@ def main(features=4096, batch=256, sparsity=0.9, block=32):
         layer(x).sum().backward()
 
     for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd)):
-        t_dense = _median_ms(lambda: fn(masked))
-        t_sparse = _median_ms(lambda: fn(sparse))
+        t_dense = median_ms(lambda: fn(masked))
+        t_sparse = median_ms(lambda: fn(sparse))
         print(f"  {name:17s} dense {t_dense:8.2f} ms   sparse {t_sparse:8.2f} ms   "
               f"speed-up {t_dense / t_sparse:5.2f}x")
