@@ -22,15 +22,15 @@ from common import machine_info, median_ms, print_table, write_json  # noqa: E40
 import sparsekern  # noqa: E402
 from sparsekern.bsr import BlockSparseMatrix  # noqa: E402
 
-warnings.filterwarnings("ignore", message=".*Sparse (BSR|CSR) tensor support is in beta.*")
-
 CONFIGS = [((32, 32), s) for s in (0.0, 0.5, 0.75, 0.9, 0.95, 0.99)] + [((1, 1), 0.95)]
 
 
 def torch_sparse_weight(w_dense: torch.Tensor, block):
-    if block == (1, 1):
-        return w_dense.to_sparse_csr()
-    return w_dense.to_sparse_bsr(block)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Sparse (BSR|CSR) tensor support is in beta.*")
+        if block == (1, 1):
+            return w_dense.to_sparse_csr()
+        return w_dense.to_sparse_bsr(block)
 
 
 def run(features: int, batch: int, repeats: int, configs) -> list[dict]:
