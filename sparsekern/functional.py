@@ -114,5 +114,21 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
         y = y[:, :C_out].contiguous()
     if bias is not None:
         y = y + bias
-    y = y.reshape(N, P, Q, C_out).permute(0, 3, 1, 2)  # a channels_last view
-    return y if channels_last else y.contiguous()
+    if channels_last:
+        return y.reshape(N, P, Q, C_out).permute(0, 3, 1, 2)  # a channels_last view
+    return _RowsToNCHW.apply(y, N, P, Q)
+
+
+class _RowsToNCHW(torch.autograd.Function):
+    """NHWC rows [N*P*Q, C] -> contiguous NCHW. The backward converts the incoming NCHW gradient
+    through ATen's channels_last conversion, about 2x faster (measured) than the generic
+    permute-and-copy autograd would use."""
+
+    @staticmethod
+    def forward(ctx, rows, N, P, Q):
+        return rows.reshape(N, P, Q, rows.shape[1]).permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return rows.reshape(-1, grad.shape[1]), None, None, None
