@@ -112,11 +112,13 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     y = ops.dds(x, weight.values, *weight.topology(), Mp, Kp, True, backend, geometry)
     if Mp != C_out:  # drop the padded channels; keep rows dense so the result is channels_last
         y = y[:, :C_out].contiguous()
-    if bias is not None:
-        y = y + bias
     if channels_last:
-        return y.reshape(N, P, Q, C_out).permute(0, 3, 1, 2)  # a channels_last view
-    return _RowsToNCHW.apply(y, N, P, Q)
+        y = y.reshape(N, P, Q, C_out).permute(0, 3, 1, 2)  # a channels_last view
+    else:
+        y = _RowsToNCHW.apply(y, N, P, Q)
+    if bias is not None:  # after the layout change, so the result is a fresh (not view) tensor
+        y = y + bias.view(1, -1, 1, 1)
+    return y
 
 
 class _RowsToNCHW(torch.autograd.Function):
