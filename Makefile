@@ -32,6 +32,7 @@ test: build
 bench: build
 	$(PY) benchmarks/bench_linear.py
 	$(PY) benchmarks/bench_conv.py
+	$(PY) benchmarks/bench_adv_train.py
 
 clean:
 	rm -rf build sparsekern/*.so $(VENV)
