@@ -13,18 +13,18 @@ from torch import Tensor, nn
 from sparsekern.attacks.base import model_mode
 
 
-def _check_batch(batch_size: int) -> int:
+def _check_batch(batch_size: int, x: Tensor, y: Tensor) -> int:
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
     return int(batch_size)
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 256) -> float:
     """Fraction of examples with argmax model(x) == y. x [N, ...], y int64 [N] -> float."""
-    batch_size = _check_batch(batch_size)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+    batch_size = _check_batch(batch_size, x, y)
     if x.shape[0] == 0:
         return float("nan")
     correct = 0
@@ -42,9 +42,7 @@ def robust_accuracy(model: nn.Module, attack: Callable[[Tensor, Tensor], Tensor]
     x [N, ...] in [0, 1], y int64 [N] -> float. ``attack`` is any callable with the Attack
     convention (it may target another model: transfer attacks).
     """
-    batch_size = _check_batch(batch_size)
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
+    batch_size = _check_batch(batch_size, x, y)
     if x.shape[0] == 0:
         return float("nan")
     correct = 0
