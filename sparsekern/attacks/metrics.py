@@ -13,10 +13,10 @@ from torch import Tensor, nn
 from sparsekern.attacks.base import model_mode
 
 
-def _check_batch(batch_size: int, x: Tensor, y: Tensor) -> int:
+def _check_batch(batch_size: int, x: Tensor | None = None, y: Tensor | None = None) -> int:
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if x.shape[0] != y.shape[0]:
+    if x is not None and y is not None and x.shape[0] != y.shape[0]:
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
     return int(batch_size)
 
