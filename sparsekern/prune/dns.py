@@ -66,7 +66,9 @@ def refresh_probability(iteration: int, gamma: float = 1e-4, power: float = 1.0,
 def abs_stats(weight: Tensor) -> tuple[float, float]:
     """(mean, population std) of |w|."""
     a = weight.detach().abs().double().reshape(-1)
-    return float(a.mean()), float(a.std(unbiased=False)) if a.numel() > 0 else 0.0
+    if a.numel() == 0:
+        return 0.0, 0.0
+    return float(a.mean()), float(a.std(unbiased=False))
 
 
 def solve_c_rate(weight: Tensor, target_sparsity: float) -> float:
@@ -152,8 +154,7 @@ class DNS:
             weight = module.weight.detach()
             self.mu[name], self.sigma[name] = abs_stats(weight)
             if c_rate is not None:
-                c = self._per_layer(c_rate, name, "c_rate")
-                c = float(c)
+                c = float(self._per_layer(c_rate, name, "c_rate"))
             else:
                 c = solve_c_rate(weight, self._per_layer(target_sparsity, name, "target_sparsity"))
             self.c_rates[name] = c
@@ -174,8 +175,9 @@ class DNS:
     def threshold_for(self, name: str, c_rate: float) -> float:
         """t = max(mu + c_rate * sigma, 0) with the layer's initial statistics."""
         sigma = self.sigma[name]
-        t = self.mu[name] + (c_rate * sigma if sigma != 0 or abs(c_rate) != float("inf") else 0)
-        return max(t, 0.0)
+        if sigma == 0.0 and abs(c_rate) == float("inf"):  # from solve_c_rate on equal |w|
+            return float("inf") if c_rate > 0 else 0.0
+        return max(self.mu[name] + c_rate * sigma, 0.0)
 
     @staticmethod
     def _install(module: nn.Module) -> None:

@@ -14,8 +14,6 @@ updates weight_mask in place (masks may shrink or grow) rather than stacking pru
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
@@ -25,8 +23,6 @@ from sparsekern.prune.report import effective_weight
 
 NORMS = ("l1", "l2")
 SCOPES = ("layer", "global")
-
-LayerSpec = "None | Iterable[str] | Callable[[str, nn.Module], bool]"
 
 
 # ---- argument checks -------------------------------------------------------------------------
