@@ -6,6 +6,7 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 import sparsekern
+from sparsekern.attacks import PGD
 from sparsekern.nn import conv_weight_to_gemm, gemm_to_conv_weight
 from sparsekern.train import (adversarial_step, evaluate, fast_adversarial_step, train_epoch,
                               train_step)
@@ -48,7 +49,7 @@ def effective_weight(dense_layer):
     return (dense_layer.weight_orig * dense_layer.weight_mask).detach()
 
 
-@pytest.mark.parametrize("kind", ["fast", "fgsm-attack"])
+@pytest.mark.parametrize("kind", ["fast", "fgsm-attack", "pgd"])
 def test_sparse_adversarial_training_matches_masked_dense(kind):
     dense, sparse, blocks = masked_and_sparse_models()
     assert isinstance(sparse[2], sparsekern.SparseConv2d)
@@ -66,6 +67,11 @@ def test_sparse_adversarial_training_matches_masked_dense(kind):
                                        generator=torch.Generator().manual_seed(step))
             ls = fast_adversarial_step(sparse, x, y, opt_s, eps=0.1,
                                        generator=torch.Generator().manual_seed(step))
+        elif kind == "pgd":
+            ld = adversarial_step(dense, x, y, opt_d, PGD(dense, eps=0.05, alpha=0.02, steps=3,
+                                                          seed=step))
+            ls = adversarial_step(sparse, x, y, opt_s, PGD(sparse, eps=0.05, alpha=0.02, steps=3,
+                                                           seed=step))
         else:
             ld = adversarial_step(dense, x, y, opt_d, fgsm(dense, 0.05))
             ls = adversarial_step(sparse, x, y, opt_s, fgsm(sparse, 0.05))
