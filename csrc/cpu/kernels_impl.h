@@ -81,6 +81,15 @@ static void spmm(const SpmmArgs<T>& a, int64_t seg, int64_t b0, int64_t nb) {
   constexpr int64_t L = Vec<T>::len;
   int64_t b = b0;
   const int64_t b_end = b0 + nb;
+  if (a.out_rows < 4) {  // 1-3 rows (e.g. (1,1) blocks): widen the tile to 8 vectors so enough
+    for (; b + 8 * L <= b_end; b += 8 * L) {  // independent accumulators hide FMA latency
+      switch (a.out_rows) {
+        case 3: spmm_tile<T, 3, 8>(a, a.offsets[seg], a.offsets[seg + 1], true, seg, 0, b); break;
+        case 2: spmm_tile<T, 2, 8>(a, a.offsets[seg], a.offsets[seg + 1], true, seg, 0, b); break;
+        default: spmm_tile<T, 1, 8>(a, a.offsets[seg], a.offsets[seg + 1], true, seg, 0, b);
+      }
+    }
+  }
   for (; b + 4 * L <= b_end; b += 4 * L) spmm_rows<T, 4>(a, seg, b);
   switch ((b_end - b) / L) {
     case 3: spmm_rows<T, 3>(a, seg, b); break;
@@ -261,6 +270,6 @@ static void dds_columns(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t n
 
 template <typename T>
 static KernelTable<T> table(const char* isa) {
-  return KernelTable<T>{isa, Vec<T>::len, 4 * Vec<T>::len, &spmm<T>, &sdd<T>,
+  return KernelTable<T>{isa, Vec<T>::len, 8 * Vec<T>::len, &spmm<T>, &sdd<T>,
                         &sdd_batch_major<T>, &dds_columns<T>};
 }
