@@ -25,6 +25,20 @@ struct Vec {
   }
 };
 
+// Calls fn(c, c_end, first) over [e0, e1) in chunks of `chunk` entries, at least once (an empty
+// range still gets one call, so its output is written as zeros). The spmm and column kernels take
+// a segment's blocks in chunks that stay in L1 while every register tile reuses them; the output
+// tile carries the partial sums between chunks (first: start from zero).
+template <typename F>
+static inline void for_each_chunk(int64_t e0, int64_t e1, int64_t chunk, const F& fn) {
+  int64_t c = e0;
+  do {
+    const int64_t c_end = e1 - c > chunk ? c + chunk : e1;
+    fn(c, c_end, c == e0);
+    c = c_end;
+  } while (c < e1);
+}
+
 template <typename T, int RM, int NV>
 static inline void spmm_tile(const SpmmArgs<T>& a, int64_t e_begin, int64_t e_end, bool first,
                              int64_t seg, int64_t r0, int64_t b0) {
@@ -51,19 +65,15 @@ static inline void spmm_tile(const SpmmArgs<T>& a, int64_t e_begin, int64_t e_en
     for (int v = 0; v < NV; ++v) V::store(o + r * ldb + v * V::len, acc[r][v]);
 }
 
-// All output rows of a segment for NV vectors of batch. The segment's blocks are taken in chunks
-// whose dense rows (chunk * t_len rows of NV vectors) stay in L1 while every row tile reuses them;
-// the output tile carries the partial sums between chunks.
+// All output rows of a segment for NV vectors of batch, block chunks sized so their dense rows
+// (chunk * t_len rows of NV vectors) stay in L1.
 template <typename T, int NV>
 static void spmm_rows(const SpmmArgs<T>& a, int64_t seg, int64_t b0) {
   constexpr int64_t kL1Bytes = 24 * 1024;
   const int64_t per_block = a.t_len * NV * VEC_BYTES;
   const int64_t chunk = per_block >= kL1Bytes ? 1 : kL1Bytes / per_block;
-  const int64_t e0 = a.offsets[seg], e1 = a.offsets[seg + 1];
-  int64_t c = e0;
-  do {
-    const int64_t c_end = e1 - c > chunk ? c + chunk : e1;
-    const bool first = c == e0;
+  for_each_chunk(a.offsets[seg], a.offsets[seg + 1], chunk, [&](int64_t c, int64_t c_end,
+                                                                 bool first) {
     int64_t r = 0;
     for (; r + 4 <= a.out_rows; r += 4) spmm_tile<T, 4, NV>(a, c, c_end, first, seg, r, b0);
     switch (a.out_rows - r) {
@@ -72,8 +82,7 @@ static void spmm_rows(const SpmmArgs<T>& a, int64_t seg, int64_t b0) {
       case 1: spmm_tile<T, 1, NV>(a, c, c_end, first, seg, r, b0); break;
       default: break;
     }
-    c = c_end;
-  } while (c < e1);
+  });
 }
 
 template <typename T>
@@ -239,7 +248,7 @@ static inline void columns_tile(const ColumnArgs<T>& a, int64_t e_begin, int64_t
     for (int v = 0; v < KV; ++v) V::store(o + r * a.ldo + v * V::len, acc[r][v]);
 }
 
-// The column's blocks are taken in chunks that stay in L1 while every batch tile reuses them.
+// All batch rows of a block column, block chunks sized so the chunk's block rows stay in L1.
 template <typename T, int KV>
 static inline void columns_rows(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t nb,
                                 int64_t k0) {
@@ -247,16 +256,12 @@ static inline void columns_rows(const ColumnArgs<T>& a, int64_t j, int64_t b0, i
   constexpr int64_t kL1Bytes = 16 * 1024;
   const int64_t per_block = a.bm * KV * VEC_BYTES;
   const int64_t chunk = per_block >= kL1Bytes ? 1 : kL1Bytes / per_block;
-  const int64_t e0 = a.offsets[j], e1 = a.offsets[j + 1];
-  int64_t c = e0;
-  do {
-    const int64_t c_end = e1 - c > chunk ? c + chunk : e1;
-    const bool first = c == e0;
+  for_each_chunk(a.offsets[j], a.offsets[j + 1], chunk, [&](int64_t c, int64_t c_end,
+                                                             bool first) {
     int64_t b = b0;
     for (; b + RB <= b0 + nb; b += RB) columns_tile<T, RB, KV>(a, c, c_end, first, j, b, k0);
     for (; b < b0 + nb; ++b) columns_tile<T, 1, KV>(a, c, c_end, first, j, b, k0);
-    c = c_end;
-  } while (c < e1);
+  });
 }
 
 template <typename T>
