@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparsekern.attacks.base import frozen_parameters, model_mode
+
 AttackFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -45,17 +47,15 @@ def fast_adversarial_step(model: nn.Module, x: Tensor, y: Tensor,
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     alpha = 1.25 * eps if alpha is None else alpha
-    was_training = model.training
-    model.eval()
-    try:
+    # Same guards as the attacks: eval mode (every submodule's flag restored) and frozen
+    # parameters, so sparse layers do not compute a weight gradient for the input step.
+    with model_mode(model, False), frozen_parameters(model):
         noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
         delta = ((noise * 2 - 1) * eps).requires_grad_(True)
         loss = loss_fn(model((x + delta).clamp(0, 1)), y)
         (grad,) = torch.autograd.grad(loss, delta)
         delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
         x_adv = (x + delta).clamp(0, 1).detach()
-    finally:
-        model.train(was_training)
     return train_step(model, x_adv, y, optimizer, loss_fn)
 
 
@@ -74,13 +74,9 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]],
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> float:
     """Clean accuracy over (x, y) batches; the model's mode is restored."""
-    was_training = model.training
-    model.eval()
     correct = count = 0
-    try:
+    with model_mode(model, False):
         for x, y in batches:
             correct += int((model(x).argmax(1) == y).sum())
             count += len(y)
-    finally:
-        model.train(was_training)
     return correct / max(count, 1)
