@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
 # The whole GPU story in one command, for a machine with a CUDA GPU and torch already installed:
-# build the extension with CUDA, run every CUDA-marked test, run the GPU benchmarks, and write
-# one report (benchmarks/results/gpu_suite_<date>.md). Usage: bash benchmarks/gpu_suite.sh [OUT]
+# build the extension with CUDA, run every CUDA-marked test and the Triton tests on the GPU, the
+# whole suite, then the GPU benchmarks; write one report plus the full logs beside it.
+#   Usage: bash benchmarks/gpu_suite.sh [OUT_DIR] [--quick]
+# (default OUT_DIR benchmarks/results/gpu_suite_<date>; --quick: the short benchmark matrix).
+# pip runs as `python -m pip`: a bare `pip` can belong to another interpreter (it did on the H100).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-benchmarks/results/gpu_suite_$(date +%Y%m%d_%H%M).md}
-mkdir -p "$(dirname "$out")"
-log=$(mktemp)
+out=${1:-benchmarks/results/gpu_suite_$(date +%Y%m%d_%H%M)}
+quick=${2:-}
+mkdir -p "$out"
+report="$out/report.md"
+export PYTHONUNBUFFERED=1
+
+section() {  # section TITLE LOGNAME CMD...: run CMD, keep its whole log, show its tail
+  local title=$1 name=$2; shift 2
+  echo; echo "## $title"; echo '```'
+  "$@" >"$out/$name.log" 2>&1
+  echo "exit code: $?"
+  # a crash (segfault) prints the test it died in under "Fatal Python error": show that first
+  grep -A 25 "Fatal Python error" "$out/$name.log" | head -n 40
+  tail -n 40 "$out/$name.log"
+  echo '```'
+}
+
 {
   echo "# GPU suite report"
   echo
@@ -14,31 +31,17 @@ log=$(mktemp)
   echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "- gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo none)"
   echo "- torch: $(python -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda)' 2>&1)"
-  echo
-  echo "## Build"
-  echo '```'
-  FORCE_CUDA=1 pip install -e . --no-build-isolation --no-deps >"$log" 2>&1
-  echo "pip install exit code: $?"; tail -n 5 "$log"
+  echo "- triton: $(python -c 'import triton; print(triton.__version__)' 2>&1)"
+  section "Build" build env FORCE_CUDA=1 python -m pip install -e . --no-build-isolation --no-deps
   python -c 'import sparsekern; e = sparsekern.ops.native_extension(); print("cuda_compiled:", e.cuda_compiled, "cpu_isa:", e.cpu_isa())' 2>&1
-  echo '```'
-  echo
-  echo "## CUDA tests (pytest -m cuda)"
-  echo '```'
-  python -m pytest -q -m cuda tests 2>&1 | tail -n 30
-  echo '```'
-  echo
-  echo "## Whole test suite on the GPU machine"
-  echo '```'
-  python -m pytest -q -x tests 2>&1 | tail -n 15
-  echo '```'
+  section "CUDA-marked tests" cuda_tests python -m pytest -q -rfE -m cuda tests
+  section "Triton tests on the GPU" triton_tests python -m pytest -q -rfE tests/triton
+  section "Whole test suite" all_tests python -X faulthandler -m pytest -q -rfE tests
   for bench in benchmarks/bench_*_gpu.py; do
-    [ -e "$bench" ] || continue
-    echo
-    echo "## $(basename "$bench")"
-    echo '```'
-    python "$bench" 2>&1 | tail -n 60
-    echo '```'
+    name=$(basename "$bench" .py)
+    args=(--json "$out/$name.json")
+    [ "$name" = bench_triton_gpu ] && [ "$quick" = --quick ] && args+=(--quick)
+    section "$name" "$name" python "$bench" "${args[@]}"
   done
-} | tee "$out"
-rm -f "$log"
-echo "report: $out"
+} | tee "$report"
+echo "report: $report"

@@ -10,7 +10,8 @@ from sparsekern.backends import backend
 from sparsekern.bsr import BlockSparseMatrix
 from sparsekern.functional import bsr_conv2d, bsr_linear
 from sparsekern.nn import SparseConv2d, SparseLinear, SparsifyReport, sparsify
+from sparsekern import triton  # noqa: E402,F401  (registers backend "triton"; imports triton lazily)
 
 __all__ = ["BlockSparseMatrix", "SparseConv2d", "SparseLinear", "SparsifyReport", "backend",
-           "bsr_conv2d", "bsr_linear", "ops", "sparsify"]
+           "bsr_conv2d", "bsr_linear", "ops", "sparsify", "triton"]
 __version__ = "0.1.0"

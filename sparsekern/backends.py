@@ -30,9 +30,11 @@ def _native():
 
 class Backend:
     name = ""
+    auto_devices: tuple[str, ...] | None = None  # device types "auto" may pick it for (None: all)
 
-    def refuse(self, op: str, a: Tensor, dtype: torch.dtype, trans_w: bool, conv: bool
-               ) -> str | None:
+    def refuse(self, op: str, a: Tensor, dtype: torch.dtype, trans_w: bool, conv: bool,
+               block: tuple[int, int] | None = None) -> str | None:
+        """None if this backend takes the call, else the reason it does not."""
         raise NotImplementedError
 
     def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None):  # pragma: no cover
@@ -47,7 +49,7 @@ class NativeCPU(Backend):
 
     name = "cpu"
 
-    def refuse(self, op, a, dtype, trans_w, conv):
+    def refuse(self, op, a, dtype, trans_w, conv, block=None):
         if _native() is None:
             return "the compiled extension sparsekern._C is not available"
         if a.device.type != "cpu":
@@ -71,7 +73,7 @@ class NativeCUDA(NativeCPU):
 
     name = "cuda"
 
-    def refuse(self, op, a, dtype, trans_w, conv):
+    def refuse(self, op, a, dtype, trans_w, conv, block=None):
         ext = _native()
         if ext is None:
             return "the compiled extension sparsekern._C is not available"
@@ -91,7 +93,7 @@ class Reference(Backend):
 
     name = "reference"
 
-    def refuse(self, op, a, dtype, trans_w, conv):
+    def refuse(self, op, a, dtype, trans_w, conv, block=None):
         return None
 
     def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None):
@@ -150,17 +152,20 @@ _warned_fallback = False
 
 
 def select(op: str, requested: str, a: Tensor, dtype: torch.dtype, trans_w: bool = True,
-           conv: bool = False) -> Backend:
+           conv: bool = False, block: tuple[int, int] | None = None) -> Backend:
     global _warned_fallback
     name = resolve_name(requested)
     if name != "auto":
-        reason = BACKENDS[name].refuse(op, a, dtype, trans_w, conv)
+        reason = BACKENDS[name].refuse(op, a, dtype, trans_w, conv, block)
         if reason is not None:
             raise RuntimeError(f"sparsekern backend {name!r} cannot run {op}: {reason}")
         return BACKENDS[name]
     reasons = []
     for candidate in AUTO_ORDER:
-        reason = BACKENDS[candidate].refuse(op, a, dtype, trans_w, conv)
+        devices = BACKENDS[candidate].auto_devices
+        if devices is not None and a.device.type not in devices:
+            continue  # e.g. triton on CPU tensors: the interpreter only when asked for by name
+        reason = BACKENDS[candidate].refuse(op, a, dtype, trans_w, conv, block)
         if reason is None:
             if candidate == "reference" and _native() is None and not _warned_fallback:
                 _warned_fallback = True

@@ -58,7 +58,7 @@ def conv_geometry(x_shape, kernel_size, stride, padding, dilation) -> list[int]:
     return [N, H, W, C, R, S, sh, sw, ph, pw, dh, dw, P, Q]
 
 
-def _dds_out_shape(a, n_rows, n_cols, trans_w, conv):
+def dds_out_shape(a, n_rows, n_cols, trans_w, conv):
     if conv:
         N, H, W, C, *_, P, Q = conv
         return (N * P * Q, n_rows) if trans_w else (N * H * W, C)
@@ -68,7 +68,7 @@ def _dds_out_shape(a, n_rows, n_cols, trans_w, conv):
 @torch.library.register_fake("sparsekern::_dds_native")
 def _dds_native_fake(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
                      trans_w, conv=None):
-    return a.new_empty(_dds_out_shape(a, n_rows, n_cols, trans_w, conv))
+    return a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
 
 
 @torch.library.register_fake("sparsekern::_sdd_native")
@@ -160,14 +160,14 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx
             raise ValueError(f"conv input has {a.shape[0]} rows, expected {rows} (NHWC pixels)")
     else:
         _check_dense(a, "input", n_cols if trans_w else n_rows, values.dtype, values.device)
-    impl = backends.select("dds", backend, a, values.dtype, trans_w, conv=bool(conv))
+    impl = backends.select("dds", backend, a, values.dtype, trans_w, bool(conv), (bm, bk))
     return impl.dds(a, values, topo, n_rows, n_cols, trans_w, conv or None)
 
 
 @dds.register_fake
 def _dds_fake(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
               trans_w, backend="auto", conv=None):
-    return a.new_empty(_dds_out_shape(a, n_rows, n_cols, trans_w, conv))
+    return a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
 
 
 @torch.library.custom_op("sparsekern::sdd", mutates_args=())
@@ -197,7 +197,7 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Ten
         _check_topology(topo, col_idx.shape[0], a.shape[1], b.shape[1], bm, bk, a.device)
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"sdd operands have batch {a.shape[0]} and {b.shape[0]}")
-    impl = backends.select("sdd", backend, a, a.dtype, conv=bool(conv))
+    impl = backends.select("sdd", backend, a, a.dtype, True, bool(conv), (bm, bk))
     return impl.sdd(a, b, topo, bm, bk, conv or None)
 
 

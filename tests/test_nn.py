@@ -448,7 +448,7 @@ def test_cuda_sparse_linear_forward_backward():
     assert_close(y.cpu(), yd.double())
     assert_close(xc.grad.cpu(), xd.grad.double())
     assert_close(layer.bias.grad.cpu(), expected.bias.grad.double())
-    with pytest.raises(RuntimeError, match="implements only dds with trans_w=True"):
+    with pytest.raises(RuntimeError, match="implements only the linear dds with trans_w=True"):
         sparsekern.ops.dds(torch.randn(2, layer.weight.padded_shape[0], device="cuda"),
                            layer.values.detach(), *layer.weight.topology(),
                            *layer.weight.padded_shape, False, "cuda")

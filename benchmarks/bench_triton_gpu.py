@@ -1,0 +1,138 @@
+"""Backend "triton" on a CUDA GPU against cuBLAS (F.linear / cuDNN F.conv2d) and torch.sparse's
+bsr_dense_mm, one process, medians of triton.testing.do_bench. Correctness first (relative
+error against the dense product on the same operands). Run by benchmarks/gpu_suite.sh.
+
+    python benchmarks/bench_triton_gpu.py [--quick] [--json PATH]
+
+Rows are written to the JSON after every case, so a run cut short keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, print_table, write_json  # noqa: E402
+
+import sparsekern  # noqa: E402
+from sparsekern.bsr import BlockSparseMatrix  # noqa: E402
+
+DTYPE = torch.bfloat16
+
+
+def ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+
+
+def rel_err(out, ref) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def linear_case(n, batch, blk, sparsity):
+    torch.manual_seed(0)
+    w = BlockSparseMatrix.random((n, n), (blk, blk), 1 - sparsity, dtype=DTYPE).to("cuda")
+    w_dense = w.to_dense().contiguous()
+    x = torch.randn(batch, n, device="cuda", dtype=DTYPE)
+    ref = F.linear(x, w_dense)
+    out = sparsekern.bsr_linear(x, w, backend="triton")
+    err = rel_err(out, ref)
+    if not err < 2e-2:
+        raise SystemExit(f"triton forward wrong: n={n} batch={batch} block={blk} rel err {err}")
+    row = {"kind": "linear", "shape": f"{n}x{n} b{batch}", "block": blk, "sparsity": sparsity,
+           "rel_err": err,
+           "dense_fwd": ms(lambda: F.linear(x, w_dense)),
+           "ours_fwd": ms(lambda: sparsekern.bsr_linear(x, w, backend="triton"))}
+    try:
+        w_bsr = w_dense.to_sparse_bsr((blk, blk))
+        row["bsr_mm_fwd"] = ms(lambda: (w_bsr @ x.t()).t())
+    except Exception as err:  # noqa: BLE001 - report, don't stop the suite
+        print(f"bsr_dense_mm failed: {err!r}", flush=True)
+        row["bsr_mm_fwd"] = float("nan")
+    xg = x.clone().requires_grad_()
+    wd = w_dense.clone().requires_grad_()
+    values = w.values.clone().requires_grad_()
+    wg = w.with_values(values)
+    g = torch.randn_like(ref)
+
+    def dense_fb():
+        torch.autograd.grad(F.linear(xg, wd), (xg, wd), g)
+
+    def ours_fb():
+        torch.autograd.grad(sparsekern.bsr_linear(xg, wg, backend="triton"), (xg, values), g)
+
+    row["dense_fb"], row["ours_fb"] = ms(dense_fb), ms(ours_fb)
+    return row
+
+
+def conv_case(name, c_in, c_out, hw, batch, blk, sparsity):
+    torch.manual_seed(0)
+    layer = sparsekern.SparseConv2d(c_in, c_out, 3, padding=1, bias=False, block_size=(blk, blk),
+                                    density=1 - sparsity).to("cuda", DTYPE)
+    dense = layer.to_dense().to("cuda", DTYPE)
+    x = torch.randn(batch, c_in, hw, hw, device="cuda", dtype=DTYPE).to(
+        memory_format=torch.channels_last)
+    with sparsekern.backend("triton"):
+        err = rel_err(layer(x), dense(x))
+    if not err < 2e-2:
+        raise SystemExit(f"triton conv wrong: {name} rel err {err}")
+    xg = x.clone().requires_grad_()
+
+    def ours_f():
+        with sparsekern.backend("triton"):
+            layer(x)
+
+    def ours_fb():
+        with sparsekern.backend("triton"):
+            layer(xg).sum().backward()
+
+    return {"kind": "conv", "shape": f"{name} b{batch}", "block": blk, "sparsity": sparsity,
+            "rel_err": err, "dense_fwd": ms(lambda: dense(x)), "ours_fwd": ms(ours_f),
+            "bsr_mm_fwd": float("nan"), "dense_fb": ms(lambda: dense(xg).sum().backward()),
+            "ours_fb": ms(ours_fb)}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="n=4096 only, fewer sparsities")
+    parser.add_argument("--json", default="benchmarks/results/bench_triton_gpu.json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_triton_gpu: no CUDA device here; run it on a GPU machine")
+    info = {**machine_info(), "gpu": torch.cuda.get_device_name(), "dtype": str(DTYPE)}
+    print(info, flush=True)
+    sizes = (4096,) if args.quick else (4096, 8192)
+    batches = (4096, 256)
+    sparsities = (0.5, 0.9, 0.99) if args.quick else (0.5, 0.75, 0.9, 0.95, 0.99)
+    cases = [("linear", (n, b, blk, s)) for n in sizes for b in batches for blk in (64, 32, 128)
+             for s in sparsities]
+    cases += [("conv", ("vgg 128->128 16x16", 128, 128, 16, 128, 32, s)) for s in (0.5, 0.9)]
+    cases += [("conv", ("vgg 256->256 8x8", 256, 256, 8, 128, 64, s)) for s in (0.5, 0.9)]
+    rows = []
+    for kind, params in cases:
+        try:
+            row = linear_case(*params) if kind == "linear" else conv_case(*params)
+        except torch.OutOfMemoryError as err:
+            print(f"skipped {params}: {err}", flush=True)
+            continue
+        row["x_dense_fwd"] = row["dense_fwd"] / row["ours_fwd"]
+        row["x_bsr_mm_fwd"] = row["bsr_mm_fwd"] / row["ours_fwd"]
+        row["x_dense_fb"] = row["dense_fb"] / row["ours_fb"]
+        rows.append(row)
+        print(row, flush=True)
+        write_json(args.json, info, rows)
+    print_table(rows, [("shape", "shape", "s"), ("block", "block", "d"),
+                       ("sparsity", "sparsity", ".2f"), ("dense_fwd", "dense ms", ".3f"),
+                       ("bsr_mm_fwd", "bsr_mm ms", ".3f"), ("ours_fwd", "ours ms", ".3f"),
+                       ("x_dense_fwd", "x dense", ".2f"), ("x_bsr_mm_fwd", "x bsr_mm", ".2f"),
+                       ("dense_fb", "dense f+b", ".3f"), ("ours_fb", "ours f+b", ".3f"),
+                       ("x_dense_fb", "x f+b", ".2f"), ("rel_err", "rel err", ".1e")])
+
+
+if __name__ == "__main__":
+    main()

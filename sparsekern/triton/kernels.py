@@ -1,0 +1,149 @@
+"""Triton kernels for the three products, each written once for Linear and Conv2d.
+
+Linear is the conv with a 1x1 "image": N = batch, H = W = P = Q = 1, R = S = 1, C = n_cols, so
+each kernel carries the implicit-GEMM indexing under the constexpr IS_CONV and the linear
+instance compiles without it. Shapes (see sparsekern/ops.py):
+
+    dds_nt  y [N*P*Q, Mp] = im2col(x) @ W^T   one program: BLOCK_R output rows x one block row
+    dds_nn  dx [N*H*W, C] = col2im(dy @ W)    one program: BLOCK_R input rows x one block column
+                                              of one filter tap (gathers dy, no atomics)
+    sdd     dW [nnz, BM, BK] = dy^T @ im2col(x) on the stored blocks; one program per block and
+                                              row split, fp32 partials summed by the launcher
+
+W's blocks are values [nnz, BM, BK] in CSR order; t_offsets/t_rows/t_perm walk block columns.
+Accumulation is float32 (float64 for float64 operands).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_source_rows(rows, n_out, P, Q, H, W, r, s, sh, sw, ph, pw, dh, dw,
+                      IS_CONV: tl.constexpr):
+    """Output pixel rows (n, p, q) -> the input rows (n, h, w) tap (r, s) reads, and validity."""
+    ok = rows < n_out
+    if IS_CONV:
+        n = rows // (P * Q)
+        pq = rows % (P * Q)
+        h = (pq // Q) * sh - ph + r * dh
+        w = (pq % Q) * sw - pw + s * dw
+        ok = ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        return ((n * H + h) * W + w).to(tl.int64), ok
+    return rows.to(tl.int64), ok  # both branches int64: the compiler wants one return type
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # the interpreter gets low-precision dots wrong: compute them in float32
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee",
+                      out_dtype=acc.dtype)
+    return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr,
+                  n_out, stride_a, stride_out,
+                  H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
+                  BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
+                  IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    pid_r = tl.program_id(0)
+    i = tl.program_id(1)  # block row of W = block of output features
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_m = tl.arange(0, BM)
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros((BLOCK_R, BM), dtype=ACC_DTYPE)
+    start = tl.load(row_offsets_ptr + i)
+    end = tl.load(row_offsets_ptr + i + 1)
+    w_ptrs = values_ptr + start.to(tl.int64) * (BM * BK) + offs_m[:, None] * BK + offs_k[None, :]
+    for p in range(start, end):
+        col0 = tl.load(col_idx_ptr + p).to(tl.int64) * BK  # first column in [0, R*S*C)
+        tap = col0 // C
+        src, ok = _conv_source_rows(rows, n_out, P, Q, H, W, tap // S, tap % S, sh, sw, ph, pw,
+                                    dh, dw, IS_CONV)
+        x = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_a + (col0 % C + offs_k)[None, :],
+                    mask=ok[:, None], other=0.0)
+        w = tl.load(w_ptrs)
+        w_ptrs += BM * BK
+        acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + (i * BM + offs_m)[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < n_out)[:, None])
+
+
+@triton.jit
+def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_ptr,
+                  n_out, stride_a, stride_out,
+                  H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw,
+                  BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
+                  IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    pid_r = tl.program_id(0)
+    cb = tl.program_id(1)  # block of output columns (of input channels, for conv)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows: input pixels for conv
+    row_ok = rows < n_out
+    offs_m = tl.arange(0, BM)
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros((BLOCK_R, BK), dtype=ACC_DTYPE)
+    if IS_CONV:
+        n = rows // (H * W)
+        h = (rows % (H * W)) // W
+        w = rows % W
+    for tap in range(R * S):
+        if IS_CONV:
+            # the output pixel (p, q) that reads input (h, w) through tap (r, s), if any
+            hp = h + ph - (tap // S) * dh
+            wq = w + pw - (tap % S) * dw
+            pp = hp // sh
+            qq = wq // sw
+            ok = row_ok & (hp >= 0) & (wq >= 0) & (hp % sh == 0) & (wq % sw == 0) \
+                & (pp < P) & (qq < Q)
+            src = (n * P + pp) * Q + qq
+        else:
+            ok = row_ok
+            src = rows
+        j = tap * (C // BK) + cb  # block column of W
+        start = tl.load(t_offsets_ptr + j)
+        end = tl.load(t_offsets_ptr + j + 1)
+        for t in range(start, end):
+            blk = tl.load(t_perm_ptr + t).to(tl.int64)
+            row0 = tl.load(t_rows_ptr + t) * BM
+            g = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_a + (row0 + offs_m)[None, :],
+                        mask=ok[:, None], other=0.0)
+            wv = tl.load(values_ptr + blk * (BM * BK) + offs_m[:, None] * BK + offs_k[None, :])
+            acc = _dot(g, wv, acc, PRECISION, UPCAST)
+    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + (cb * BK + offs_k)[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def sdd_kernel(a_ptr, b_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
+               n_rows_total, rows_per_split, stride_a, stride_b,
+               H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
+               BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
+               IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr):
+    p = tl.program_id(0)  # stored block
+    split = tl.program_id(1)  # slice of the reduction rows (batch / output pixels)
+    nnz = tl.num_programs(0)
+    row0 = tl.load(row_idx_ptr + p) * BM
+    col0 = tl.load(col_idx_ptr + p).to(tl.int64) * BK
+    tap = col0 // C
+    offs_m = tl.arange(0, BM)
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros((BM, BK), dtype=ACC_DTYPE)
+    lo = split * rows_per_split
+    hi = tl.minimum(lo + rows_per_split, n_rows_total)
+    for r0 in range(lo, hi, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        src, ok = _conv_source_rows(rows, hi, P, Q, H, W, tap // S, tap % S, sh, sw, ph, pw,
+                                    dh, dw, IS_CONV)
+        g = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_a + (row0 + offs_m)[None, :],
+                    mask=(rows < hi)[:, None], other=0.0)
+        x = tl.load(b_ptr + src.to(tl.int64)[:, None] * stride_b + (col0 % C + offs_k)[None, :],
+                    mask=ok[:, None], other=0.0)
+        acc = _dot(tl.trans(g), x, acc, PRECISION, UPCAST)
+    out = out_ptr + (split * nnz + p).to(tl.int64) * (BM * BK) + offs_m[:, None] * BK \
+        + offs_k[None, :]
+    tl.store(out, acc)

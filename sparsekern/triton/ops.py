@@ -1,0 +1,149 @@
+"""Launchers for the Triton kernels, registered with torch.library.triton_op (so torch.compile
+sees the kernels), and the autotuning configurations.
+
+    torch.ops.sparsekern.triton_dds(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm,
+                                    n_rows, n_cols, trans_w, precision, conv) -> Tensor
+    torch.ops.sparsekern.triton_sdd(a, b, row_idx, col_idx, bm, bk, precision, conv) -> Tensor
+
+Arguments are the ops.py ones, already checked there; ``precision`` is the float32 dot mode
+("tf32" or "ieee").
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from sparsekern.ops import dds_out_shape
+from sparsekern.triton import interpreting, kernels
+
+
+def _prune_large_tiles(configs, named_args, **kwargs):
+    # An fp32 accumulator of BLOCK_R x 128 with BLOCK_R = 256 does not fit in registers.
+    def arg(name):
+        return kwargs.get(name, named_args.get(name, 16))
+
+    kept = [c for c in configs if c.kwargs["BLOCK_R"] * max(arg("BM"), arg("BK")) <= 128 * 128]
+    return kept or configs[:1]
+
+
+def _configs(candidates):
+    """Autotuning candidates (BLOCK_R, num_warps, num_stages). One small config under the
+    interpreter (it runs every program in numpy) or with SPARSEKERN_TRITON_AUTOTUNE=0 (tests:
+    every new shape would otherwise compile every candidate)."""
+    if interpreting() or os.environ.get("SPARSEKERN_TRITON_AUTOTUNE", "1") == "0":
+        r = 16 if interpreting() else 64
+        return [triton.Config({"BLOCK_R": r}, num_warps=4, num_stages=2)]
+    return [triton.Config({"BLOCK_R": r}, num_warps=w, num_stages=s) for r, w, s in candidates]
+
+
+_DDS_CANDIDATES = ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3))
+_SDD_CANDIDATES = ((32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3))
+_DDS_KEY = ["n_out", "C", "BM", "BK", "IS_CONV", "ACC_DTYPE", "PRECISION"]
+_TUNE = dict(prune_configs_by={"early_config_prune": _prune_large_tiles})
+dds_nt = triton.autotune(_configs(_DDS_CANDIDATES), key=_DDS_KEY, **_TUNE)(kernels.dds_nt_kernel)
+dds_nn = triton.autotune(_configs(_DDS_CANDIDATES), key=_DDS_KEY, **_TUNE)(kernels.dds_nn_kernel)
+sdd_k = triton.autotune(_configs(_SDD_CANDIDATES),
+                        key=["n_rows_total", "rows_per_split", "C", "BM", "BK", "IS_CONV",
+                             "ACC_DTYPE", "PRECISION"], **_TUNE)(kernels.sdd_kernel)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return triton.language.float64 if dtype == torch.float64 else triton.language.float32
+
+
+def _dot_mode(dtype: torch.dtype, precision: str):
+    """(PRECISION, UPCAST) for tl.dot: tf32 applies to float32 only; the interpreter computes
+    half-precision dots wrongly, so it upcasts them."""
+    upcast = interpreting() and dtype in (torch.float16, torch.bfloat16)
+    return (precision if dtype == torch.float32 else "ieee"), upcast
+
+
+def _geometry(conv, rows: int, n_cols: int):
+    """(IS_CONV, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw); linear is the 1x1 image."""
+    if conv:
+        N, H, W, C, R, S, sh, sw, ph, pw, dh, dw, P, Q = conv
+        return True, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw
+    return False, 1, 1, n_cols, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1
+
+
+def _unit_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+@triton_op("sparsekern::triton_dds", mutates_args=())
+def triton_dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
+               t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int, n_cols: int,
+               trans_w: bool, precision: str, conv: Optional[list[int]] = None) -> Tensor:
+    a = _unit_stride(a)
+    values = values.contiguous()
+    _, bm, bk = values.shape
+    is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, a.shape[0], n_cols)
+    mode, upcast = _dot_mode(values.dtype, precision)
+    common = dict(BM=bm, BK=bk, IS_CONV=is_conv, ACC_DTYPE=_acc_dtype(values.dtype),
+                  PRECISION=mode, UPCAST=upcast)
+    if trans_w:  # y [rows, n_rows], rows = N*P*Q (conv) or the batch
+        n_out = conv[0] * P * Q if conv else a.shape[0]
+        out = a.new_empty(n_out, n_rows)
+        if out.numel() == 0:
+            return out
+        grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]), n_rows // bm)  # noqa: E731
+        wrap_triton(dds_nt)[grid](a, values, row_offsets, col_idx, out, n_out, a.stride(0),
+                                  out.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
+                                  **common)
+        return out
+    n_out = conv[0] * H * W if conv else a.shape[0]  # dx [N*H*W, C] or a @ W [B, n_cols]
+    out = a.new_empty(n_out, C)
+    if out.numel() == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]), C // bk)  # noqa: E731
+    wrap_triton(dds_nn)[grid](a, values, t_offsets, t_rows, t_perm, out, n_out, a.stride(0),
+                              out.stride(0), H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw,
+                              **common)
+    return out
+
+
+def _sdd_splits(nnz: int, n_rows_total: int, device: torch.device) -> int:
+    """Split the reduction over rows when there are too few blocks to fill the GPU."""
+    if nnz == 0 or device.type != "cuda":
+        return 1
+    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-programs // nnz), n_rows_total // 512))
+
+
+@triton_op("sparsekern::triton_sdd", mutates_args=())
+def triton_sdd(a: Tensor, b: Tensor, row_idx: Tensor, col_idx: Tensor, bm: int, bk: int,
+               precision: str, conv: Optional[list[int]] = None) -> Tensor:
+    a, b = _unit_stride(a), _unit_stride(b)
+    nnz = row_idx.shape[0]
+    n_total = a.shape[0]
+    is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, n_total, b.shape[1])
+    acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    splits = _sdd_splits(nnz, n_total, a.device)
+    per_split = -(-n_total // splits) if n_total else 0
+    partial = torch.empty(splits, nnz, bm, bk, dtype=acc_dtype, device=a.device)
+    if nnz:
+        mode, upcast = _dot_mode(a.dtype, precision)
+        wrap_triton(sdd_k)[(nnz, splits)](
+            a, b, row_idx, col_idx, partial, n_total, per_split, a.stride(0), b.stride(0),
+            H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw, BM=bm, BK=bk, IS_CONV=is_conv,
+            ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)
+    total = partial[0] if splits == 1 else partial.sum(0)
+    return total.to(a.dtype)
+
+
+# Explicit fake kernels: the ones triton_op derives run the launcher, which under the
+# interpreter would execute the kernels on fake tensors.
+@triton_dds.register_fake
+def _triton_dds_fake(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
+                     trans_w, precision, conv=None):
+    return a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
+
+
+@triton_sdd.register_fake
+def _triton_sdd_fake(a, b, row_idx, col_idx, bm, bk, precision, conv=None):
+    return a.new_empty(row_idx.shape[0], bm, bk)

@@ -1,0 +1,181 @@
+"""Backend "triton" against the float64 oracle: Linear and Conv2d, forward and backward.
+
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set here, before the
+kernels are first imported); with one (benchmarks/gpu_suite.sh) the same tests run on CUDA
+tensors with float32 in "ieee" mode, plus a TF32 check. Shapes stay tiny: the interpreter runs
+every program in numpy.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SPARSEKERN_TRITON_AUTOTUNE", "0")  # one config: compile each shape once
+triton = pytest.importorskip("triton")
+
+import sparsekern  # noqa: E402
+from sparsekern import SparseLinear, backends, ops  # noqa: E402
+from sparsekern import triton as sk_triton  # noqa: E402
+from conftest import (assert_close, make_matrix, matrix_dense, oracle_dds, oracle_sdd,  # noqa: E402
+                      randn)
+from test_conv import check_bsr_conv2d  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+pytestmark = pytest.mark.skipif(not ON_GPU and not sk_triton.interpreting(),
+                                reason="the kernels were imported before TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32():
+    """Full float32 dots, so float32 results meet the float32 tolerances (TF32 tested apart)."""
+    sk_triton.set_float32_precision("ieee")
+    yield
+    sk_triton.set_float32_precision("tf32")
+
+
+# ---- linear: the three products, every topology kind -----------------------------------------------
+LINEAR_CASES = [((16, 16), "sparse"), ((32, 16), "sparse"), ((16, 32), "nnz0"),
+                ((32, 32), "dense"), ((64, 64), "sparse")]
+
+
+@pytest.mark.parametrize("block,kind", LINEAR_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_linear_products_match_oracle(block, kind, dtype, gen):
+    m = make_matrix(block, kind, dtype, gen, grid=(3, 3))
+    Mp, Kp = m.padded_shape
+    topo = [t.to(DEVICE) for t in m.topology()]
+    values = m.values.to(DEVICE)
+    x, dy = randn(37, Kp, generator=gen), randn(37, Mp, generator=gen)
+    y = ops.dds(x.to(DEVICE, dtype), values, *topo, Mp, Kp, True, "triton")
+    assert_close(y.cpu(), oracle_dds(x.to(dtype), m.values, m.row_offsets, m.col_idx, Mp, Kp,
+                                     True), dtype, "x @ W^T")
+    dx = ops.dds(dy.to(DEVICE, dtype), values, *topo, Mp, Kp, False, "triton")
+    assert_close(dx.cpu(), oracle_dds(dy.to(dtype), m.values, m.row_offsets, m.col_idx, Mp, Kp,
+                                      False), dtype, "dy @ W")
+    dw = ops.sdd(dy.to(DEVICE, dtype), x.to(DEVICE, dtype), *topo, *block, "triton")
+    assert dw.shape == m.values.shape and dw.dtype == dtype
+    assert_close(dw.cpu(), oracle_sdd(dy.to(dtype), x.to(dtype), m.row_idx, m.col_idx, *block),
+                 dtype, "sdd")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_half_precision(dtype, gen):
+    # fp32 accumulation: the error is the rounding of the inputs and of the output only
+    m = make_matrix((16, 32), "sparse", dtype, gen, grid=(3, 3))
+    Mp, Kp = m.padded_shape
+    x = randn(20, Kp, generator=gen).to(dtype)
+    y = ops.dds(x.to(DEVICE), m.values.to(DEVICE), *[t.to(DEVICE) for t in m.topology()], Mp, Kp,
+                True, "triton")
+    assert y.dtype == dtype
+    expected = x.double() @ matrix_dense(m).t()
+    torch.testing.assert_close(y.cpu().double(), expected, rtol=2e-2, atol=3e-2)
+
+
+def test_sparse_linear_autograd_and_empty_batch(gen):
+    layer = SparseLinear(48, 40, block_size=(16, 16), density=0.5, dtype=torch.float64).to(DEVICE)
+    dense = layer.to_dense()
+    x = randn(9, 48, generator=gen).to(DEVICE).requires_grad_()
+    with sparsekern.backend("triton"):
+        y = layer(x)
+        y.square().sum().backward()
+        assert layer(x[:0]).shape == (0, 40)
+    xd = x.detach().clone().requires_grad_()
+    dense(xd).square().sum().backward()
+    assert_close(y.cpu(), dense(xd).detach().cpu())
+    assert_close(x.grad.cpu(), xd.grad.cpu())
+    assert_close(layer.bias.grad.cpu(), dense.bias.grad.cpu())
+
+
+def test_gradcheck_float64(gen):
+    m = make_matrix((16, 16), "sparse", torch.float64, gen, grid=(3, 3))
+    Mp, Kp = m.padded_shape
+    topo = [t.to(DEVICE) for t in m.topology()]
+    x = randn(5, Kp, generator=gen).to(DEVICE).requires_grad_()
+    v = m.values.to(DEVICE).requires_grad_()
+    fn = lambda x, v: ops.dds(x, v, *topo, Mp, Kp, True, "triton")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, v), fast_mode=True)
+
+
+# ---- conv: implicit GEMM, stride, padding, dilation --------------------------------------------
+# (N, C_in, C_out, H, W, kernel, stride, padding, dilation, block, kind)
+CONV_CASES = [
+    (2, 16, 32, 6, 5, 3, 1, 1, 1, (16, 16), "sparse"),
+    (2, 32, 16, 7, 6, 3, 2, 1, 1, (16, 32), "sparse"),     # stride 2: grad input gathers
+    (1, 16, 20, 7, 7, 3, 2, 0, 2, (16, 16), "sparse"),     # dilation, C_out padded to 32
+    (1, 16, 16, 5, 4, 1, 2, 0, 1, (16, 16), "dense"),      # 1x1 stride 2: unread pixels
+    (1, 16, 16, 4, 4, 5, 1, 2, 1, (16, 16), "nnz0"),
+    (1, 32, 32, 5, 5, 3, 1, 1, 1, (32, 32), "dense"),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"k{c[5]}s{c[6]}p{c[7]}d{c[8]}")
+def test_conv_matches_f_conv2d(case, gen, backend_spy):
+    check_bsr_conv2d(case, "triton", torch.float32, gen, spy=backend_spy, device=DEVICE)
+
+
+def test_conv_module_channels_last(gen):
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    layer = sparsekern.SparseConv2d.from_dense(conv, (16, 16)).to(DEVICE)
+    x = torch.randn(2, 16, 5, 6, generator=gen).to(DEVICE).to(memory_format=torch.channels_last)
+    with sparsekern.backend("triton"):
+        y = layer(x)
+    expected = F.conv2d(x.cpu().double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert_close(y.cpu(), expected, torch.float32)
+
+
+# ---- backend choice, refusals, registration ----------------------------------------------------
+def test_auto_never_picks_the_interpreter_for_cpu_tensors(gen, backend_spy):
+    m = make_matrix((16, 16), "sparse", torch.float32, gen, grid=(3, 3))
+    ops.dds(randn(3, 48, dtype=torch.float32), m.values, *m.topology(), 48, 48, True)
+    assert "triton" not in backend_spy.names()
+    assert backends.AUTO_ORDER.index("triton") < backends.AUTO_ORDER.index("cuda")
+
+
+@pytest.mark.parametrize("block", [(8, 8), (16, 8), (24, 16), (256, 16)])
+def test_unsupported_block_is_refused_with_reason(block, gen):
+    m = make_matrix(block, "dense", torch.float32, gen, grid=(1, 1))
+    Mp, Kp = m.padded_shape
+    with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run dds: block shape"):
+        ops.dds(randn(2, Kp, dtype=torch.float32).to(DEVICE), m.values.to(DEVICE),
+                *[t.to(DEVICE) for t in m.topology()], Mp, Kp, True, "triton")
+
+
+def test_unsupported_dtype_and_precision_errors(gen):
+    m = make_matrix((16, 16), "dense", torch.float32, gen, grid=(1, 1))
+    with pytest.raises(RuntimeError, match="supports float16, bfloat16, float32 and float64"):
+        ops.dds(torch.ones(2, 16, dtype=torch.int32, device=DEVICE), m.values.int().to(DEVICE),
+                *[t.to(DEVICE) for t in m.topology()], 16, 16, True, "triton")
+    with pytest.raises(ValueError, match="float32 precision must be one of"):
+        sk_triton.set_float32_precision("fp8")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="TF32 exists on the GPU only")
+def test_tf32_default_is_close_but_not_ieee(gen):
+    sk_triton.set_float32_precision("tf32")
+    m = make_matrix((64, 64), "dense", torch.float32, gen, grid=(4, 4))
+    x = randn(256, 256, generator=gen)
+    y = ops.dds(x.float().cuda(), m.values.cuda(), *[t.cuda() for t in m.topology()], 256, 256,
+                True, "triton")
+    ref = x @ matrix_dense(m).t()
+    rel = ((y.cpu().double() - ref).norm() / ref.norm()).item()
+    assert rel < 3e-3
+
+
+def test_opcheck_triton_ops(gen):
+    m = make_matrix((16, 16), "sparse", torch.float32, gen, grid=(3, 3))
+    topo = [t.to(DEVICE) for t in m.topology()]
+    x = randn(5, 48, dtype=torch.float32, generator=gen).to(DEVICE)
+    values = m.values.to(DEVICE)
+    ro, ci, ri, to, tr, tp = topo
+    torch.library.opcheck(torch.ops.sparsekern.triton_dds.default,
+                          (x, values, ro, ci, to, tr, tp, 48, 48, True, "ieee", None),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.sparsekern.triton_sdd.default,
+                          (x, x, ri, ci, 16, 16, "ieee", None),
+                          test_utils=("test_schema", "test_faketensor"))
