@@ -71,6 +71,12 @@ def _geometry(conv, rows: int, n_cols: int):
     return False, 1, 1, n_cols, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1
 
 
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """wrap_triton is what lets torch.compile trace a launch; in eager it only adds a
+    higher-order-op dispatch to every call, so eager launches the kernel directly."""
+    (wrap_triton(kernel) if torch.compiler.is_compiling() else kernel)[grid](*args, **kwargs)
+
+
 def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -92,7 +98,7 @@ def triton_dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
         if out.numel() == 0:
             return out
         grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]), n_rows // bm)  # noqa: E731
-        wrap_triton(dds_nt)[grid](a, values, row_offsets, col_idx, out, n_out, a.stride(0),
+        _launch(dds_nt, grid, a, values, row_offsets, col_idx, out, n_out, a.stride(0),
                                   out.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
                                   **common)
         return out
@@ -101,7 +107,7 @@ def triton_dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
     if out.numel() == 0:
         return out
     grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]), C // bk)  # noqa: E731
-    wrap_triton(dds_nn)[grid](a, values, t_offsets, t_rows, t_perm, out, n_out, a.stride(0),
+    _launch(dds_nn, grid, a, values, t_offsets, t_rows, t_perm, out, n_out, a.stride(0),
                               out.stride(0), H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw,
                               **common)
     return out
@@ -128,7 +134,7 @@ def triton_sdd(a: Tensor, b: Tensor, row_idx: Tensor, col_idx: Tensor, bm: int, 
     partial = torch.empty(splits, nnz, bm, bk, dtype=acc_dtype, device=a.device)
     if nnz:
         mode, upcast = _dot_mode(a.dtype, precision)
-        wrap_triton(sdd_k)[(nnz, splits)](
+        _launch(sdd_k, (nnz, splits),
             a, b, row_idx, col_idx, partial, n_total, per_split, a.stride(0), b.stride(0),
             H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw, BM=bm, BK=bk, IS_CONV=is_conv,
             ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)

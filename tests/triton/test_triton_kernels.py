@@ -179,3 +179,10 @@ def test_opcheck_triton_ops(gen):
     torch.library.opcheck(torch.ops.sparsekern.triton_sdd.default,
                           (x, x, ri, ci, 16, 16, "ieee", None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph(gen):
+    layer = SparseLinear(48, 32, block_size=(16, 16), density=0.5, backend="triton").to(DEVICE)
+    x = torch.randn(6, 48, generator=gen).to(DEVICE)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x))
