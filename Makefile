@@ -24,7 +24,7 @@ $(BUILD_STAMP): $(DEPS_STAMP) setup.py pyproject.toml $(CSRC)
 build: $(BUILD_STAMP)
 
 run: build
-	$(PY) -m sparsekern demo
+	$(PY) -m sparsekern experiment --config quick --out runs/quick
 
 test: build
 	$(PY) -m pytest -q tests
