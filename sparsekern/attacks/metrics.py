@@ -100,26 +100,31 @@ def mean_l2(x: Tensor, x_adv: Tensor, success_mask: Tensor | None = None) -> flo
 
 
 @torch.no_grad()
-def activation_sparsity(model: nn.Module, x: Tensor, batch_size: int = 256) -> dict[str, float]:
+def activation_sparsity(model: nn.Module, x: Tensor, batch_size: int = 256,
+                        per_call: bool = False) -> dict[str, float]:
     """Per-layer activation sparsity: {name of each nn.ReLU submodule: fraction of its output
     elements that are exactly zero}, over all of x [N, ...] (model in eval mode).
 
     Only nn.ReLU modules (and subclasses) are seen, through forward hooks that are removed
     afterwards, also on exception. Functional relu (torch.relu, F.relu) calls are invisible and
-    out of scope. A ReLU module called several times in one forward accumulates over its calls;
-    ReLUs that never run are left out.
+    out of scope. A ReLU module called several times in one forward accumulates over its calls,
+    or with per_call=True gets one entry per call, "name[0]", "name[1]", ... in call order (one
+    nn.ReLU shared by several layers, as in LeNet-300-100). ReLUs that never run are left out.
     """
     batch_size = _check_batch(batch_size)
-    zeros: dict[str, int] = {}
-    totals: dict[str, int] = {}
+    counts: dict[tuple[str, int], list[int]] = {}  # (name, call index in a forward): [zeros, total]
+    calls: dict[str, int] = {}
 
     def make_hook(name: str):
         def hook(_module, _inputs, output):
-            zeros[name] = zeros.get(name, 0) + int((output == 0).sum())
-            totals[name] = totals.get(name, 0) + output.numel()
+            k = calls.get(name, 0)
+            calls[name] = k + 1
+            c = counts.setdefault((name, k if per_call else 0), [0, 0])
+            c[0] += int((output == 0).sum())
+            c[1] += output.numel()
         return hook
 
-    handles = []
+    handles = [model.register_forward_pre_hook(lambda *_: calls.clear())]
     try:
         for name, module in model.named_modules():
             if isinstance(module, nn.ReLU):
@@ -130,4 +135,6 @@ def activation_sparsity(model: nn.Module, x: Tensor, batch_size: int = 256) -> d
     finally:
         for h in handles:
             h.remove()
-    return {name: zeros[name] / totals[name] for name in totals if totals[name] > 0}
+    n_calls = {name: max(calls.get(name, 1), 1) for name, _ in counts}
+    return {(name if not per_call or n_calls[name] == 1 else f"{name}[{k}]"): z / t
+            for (name, k), (z, t) in counts.items() if t > 0}

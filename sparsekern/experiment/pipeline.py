@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 import sparsekern
 from sparsekern import prune as skp
-from sparsekern.attacks import CW, FGSM, PGD, DeepFool, accuracy, mean_l2, rho, robust_accuracy
+from sparsekern.attacks import (CW, FGSM, PGD, DeepFool, accuracy, activation_sparsity, mean_l2,
+                                rho, robust_accuracy)
 from sparsekern.attacks.base import model_mode
 from sparsekern.experiment.config import (EvalConfig, ExperimentConfig, FinetuneConfig,
                                           PruneConfig, TrainConfig)
@@ -199,47 +200,6 @@ def finetune(model: nn.Module, data: Data, fc: FinetuneConfig, pruning: Pruning,
 
 
 # ---- evaluation ------------------------------------------------------------------------------
-@torch.no_grad()
-def relu_activation_sparsity(model: nn.Module, x: Tensor, batch_size: int) -> dict[str, float]:
-    """Per-layer ReLU activation sparsity: {label: fraction of exactly-zero outputs over x}.
-
-    Like sparsekern.attacks.activation_sparsity, but a ReLU module called k > 1 times per
-    forward (one nn.ReLU shared by several layers, as in LeNet-300-100) gets one entry per call,
-    labelled "name[0]", "name[1]", ... in call order, instead of one pooled entry.
-    """
-    counts: dict[tuple[str, int], list[int]] = {}
-    calls: dict[str, int] = {}
-
-    def reset(_module, _inputs):
-        calls.clear()
-
-    def make_hook(name):
-        def hook(_module, _inputs, out):
-            k = calls.get(name, 0)
-            calls[name] = k + 1
-            c = counts.setdefault((name, k), [0, 0])
-            c[0] += int((out == 0).sum())
-            c[1] += out.numel()
-        return hook
-
-    handles = [model.register_forward_pre_hook(reset)]
-    try:
-        for name, m in model.named_modules():
-            if isinstance(m, nn.ReLU):
-                handles.append(m.register_forward_hook(make_hook(name)))
-        with model_mode(model, False):
-            for i in range(0, x.shape[0], batch_size):
-                model(x[i:i + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
-    per_name: dict[str, int] = {}
-    for name, k in counts:
-        per_name[name] = max(per_name.get(name, 0), k + 1)
-    return {(name if per_name[name] == 1 else f"{name}[{k}]"): z / t
-            for (name, k), (z, t) in counts.items() if t > 0}
-
-
 def _row(attack, metric, value, *, norm="", eps=None, layer="", n=None, success_rate=None,
          seconds=None) -> dict:
     return {"attack": attack, "norm": norm, "eps": eps, "metric": metric, "layer": layer,
@@ -326,6 +286,6 @@ def evaluate(model: nn.Module, data: Data, ec: EvalConfig, seed: int,
     for layer in report.layers + [report.total]:
         rows.append(_row("none", "weight_sparsity", layer.sparsity, layer=layer.name,
                          n=layer.numel))
-    for layer, value in relu_activation_sparsity(model, x, bs).items():
+    for layer, value in activation_sparsity(model, x, bs, per_call=True).items():
         rows.append(_row("none", "activation_sparsity", value, layer=layer, n=n))
     return rows

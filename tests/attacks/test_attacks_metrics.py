@@ -136,3 +136,33 @@ def test_activation_sparsity_on_trained_mlp(trained_mlp, blobs):
     with torch.no_grad():
         h = torch.relu(trained_mlp[0](blobs[2]))
     assert sp["1"] == pytest.approx(float((h == 0).float().mean()))
+
+
+def test_activation_sparsity_per_call_splits_a_shared_relu():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu = nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.relu(x) - 0.5)  # second call: more zeros
+
+    x = torch.tensor([[-1.0, 0.2, 0.7, 2.0]])
+    pooled = activation_sparsity(Shared(), x)
+    split = activation_sparsity(Shared(), x, per_call=True)
+    assert split == {"relu[0]": 0.25, "relu[1]": 0.5}
+    assert pooled == {"relu": 0.375}
+    # across batches too, with a module called once beside it
+    relu = nn.ReLU()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.relu, self.own = relu, nn.ReLU()
+
+        def forward(self, x):
+            return self.own(-self.relu(x) + self.relu(-x))  # relu[0] = x+, relu[1] = x-
+
+    x = torch.tensor([[1.0, -2.0, 3.0, 0.5], [1.0, -2.0, 3.0, 0.5]])
+    got = activation_sparsity(Net(), x, batch_size=1, per_call=True)
+    assert got == {"relu[0]": 0.25, "relu[1]": 0.75, "own": 0.75}

@@ -11,7 +11,6 @@ import yaml
 from sparsekern.__main__ import main as sparsekern_main
 from sparsekern.experiment import COLUMNS, ConfigError, Runner, load_config, preset_names
 from sparsekern.experiment.config import ExperimentConfig, to_dict
-from sparsekern.experiment.pipeline import relu_activation_sparsity
 from sparsekern.experiment.store import ResultStore, load_checkpoint
 
 # A run small enough for CI: 256 training images, 32 attack images, a few steps of everything.
@@ -280,17 +279,3 @@ def test_cli_requires_config():
 
 
 # ---- pieces ----------------------------------------------------------------------------------
-def test_relu_activation_sparsity_per_call():
-    relu = torch.nn.ReLU()
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.relu, self.own = relu, torch.nn.ReLU()
-
-        def forward(self, x):
-            return self.own(-self.relu(x) + self.relu(-x))  # relu[0] = x+, relu[1] = x-
-
-    x = torch.tensor([[1.0, -2.0, 3.0, 0.5]])
-    got = relu_activation_sparsity(Net(), x, batch_size=1)
-    assert got == {"relu[0]": 0.25, "relu[1]": 0.75, "own": 0.75}
