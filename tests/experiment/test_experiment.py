@@ -276,6 +276,3 @@ def test_cli_config_error_exits_2(capsys):
 def test_cli_requires_config():
     with pytest.raises(SystemExit):
         sparsekern_main(["experiment"])
-
-
-# ---- pieces ----------------------------------------------------------------------------------
