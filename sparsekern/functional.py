@@ -28,7 +28,7 @@ def bsr_linear(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     # Resolve the backend scope here, in traced Python, so torch.compile guards on it (a name
     # resolved inside the op's autograd would be frozen into the compiled backward).
     backend = backends.resolve_name(backend)
-    y = ops.dds(x, weight.values, *weight.topology(), Mp, Kp, True, backend)
+    y = ops.dds_call(x, weight.values, *weight.topology(), Mp, Kp, True, backend)
     if Mp != out_features:
         y = y[:, :out_features]
     if bias is not None:
@@ -109,7 +109,7 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     x = input.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, C)
     Mp, Kp = weight.padded_shape
     backend = backends.resolve_name(backend)
-    y = ops.dds(x, weight.values, *weight.topology(), Mp, Kp, True, backend, geometry)
+    y = ops.dds_call(x, weight.values, *weight.topology(), Mp, Kp, True, backend, geometry)
     if Mp != C_out:  # drop the padded channels; keep rows dense so the result is channels_last
         y = y[:, :C_out].contiguous()
     if channels_last:

@@ -135,17 +135,10 @@ def _check_conv(conv, n_cols: int, bk: int) -> None:
 
 
 # ---- public ops ----------------------------------------------------------------------------------
-@torch.library.custom_op("sparsekern::dds", mutates_args=())
-def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
-        t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int, n_cols: int,
-        trans_w: bool, backend: str = "auto", conv: Optional[list[int]] = None) -> Tensor:
-    """Dense x block-sparse. W is [n_rows, n_cols] with blocks values [nnz, bm, bk].
-
-    trans_w=True:  a [B, n_cols] -> a @ W^T [B, n_rows]
-    trans_w=False: a [B, n_rows] -> a @ W   [B, n_cols]
-    With conv (implicit GEMM, NHWC rows): trans_w=True: x [N*H*W, C] -> y [N*P*Q, n_rows];
-    trans_w=False: dy [N*P*Q, n_rows] -> dx [N*H*W, C].
-    """
+def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
+              row_idx: Tensor, t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int,
+              n_cols: int, trans_w: bool, backend: str = "auto",
+              conv: Optional[list[int]] = None) -> Tensor:
     topo = (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm)
     if values.dim() != 3:
         raise ValueError(f"values must be [nnz, bm, bk], got shape {tuple(values.shape)}")
@@ -164,21 +157,30 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx
     return impl.dds(a, values, topo, n_rows, n_cols, trans_w, conv or None)
 
 
+@torch.library.custom_op("sparsekern::dds", mutates_args=())
+def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
+        t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int, n_cols: int,
+        trans_w: bool, backend: str = "auto", conv: Optional[list[int]] = None) -> Tensor:
+    """Dense x block-sparse. W is [n_rows, n_cols] with blocks values [nnz, bm, bk].
+
+    trans_w=True:  a [B, n_cols] -> a @ W^T [B, n_rows]
+    trans_w=False: a [B, n_rows] -> a @ W   [B, n_cols]
+    With conv (implicit GEMM, NHWC rows): trans_w=True: x [N*H*W, C] -> y [N*P*Q, n_rows];
+    trans_w=False: dy [N*P*Q, n_rows] -> dx [N*H*W, C].
+    """
+    return _dds_impl(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows,
+                     n_cols, trans_w, backend, conv)
+
+
 @dds.register_fake
 def _dds_fake(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
               trans_w, backend="auto", conv=None):
     return a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
 
 
-@torch.library.custom_op("sparsekern::sdd", mutates_args=())
-def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
-        t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, bm: int, bk: int,
-        backend: str = "auto", conv: Optional[list[int]] = None) -> Tensor:
-    """Sampled dense x dense: the stored blocks of a^T @ b on the given topology.
-
-    a [B, Mp], b [B, Kp] -> [nnz, bm, bk] with block p = a[:, rows of p]^T @ b[:, cols of p].
-    With conv: a = dy [N*P*Q, Mp], b = x [N*H*W, C], and b's columns are the implicit im2col.
-    """
+def _sdd_impl(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
+              t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, bm: int, bk: int,
+              backend: str = "auto", conv: Optional[list[int]] = None) -> Tensor:
     topo = (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm)
     for t, name in ((a, "left"), (b, "right")):
         if t.dim() != 2:
@@ -199,6 +201,19 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Ten
             raise ValueError(f"sdd operands have batch {a.shape[0]} and {b.shape[0]}")
     impl = backends.select("sdd", backend, a, a.dtype, True, bool(conv), (bm, bk))
     return impl.sdd(a, b, topo, bm, bk, conv or None)
+
+
+@torch.library.custom_op("sparsekern::sdd", mutates_args=())
+def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
+        t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, bm: int, bk: int,
+        backend: str = "auto", conv: Optional[list[int]] = None) -> Tensor:
+    """Sampled dense x dense: the stored blocks of a^T @ b on the given topology.
+
+    a [B, Mp], b [B, Kp] -> [nnz, bm, bk] with block p = a[:, rows of p]^T @ b[:, cols of p].
+    With conv: a = dy [N*P*Q, Mp], b = x [N*H*W, C], and b's columns are the implicit im2col.
+    """
+    return _sdd_impl(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
+                     backend, conv)
 
 
 @sdd.register_fake
@@ -223,11 +238,11 @@ def _dds_backward(ctx, grad):
     n_rows, n_cols, trans_w, backend = ctx.meta
     grad_a = grad_values = None
     if ctx.needs_input_grad[0]:
-        grad_a = dds(grad, values, *topo, n_rows, n_cols, not trans_w, backend, ctx.conv)
+        grad_a = dds_call(grad, values, *topo, n_rows, n_cols, not trans_w, backend, ctx.conv)
     if ctx.needs_input_grad[1]:
         bm, bk = values.shape[1], values.shape[2]
         left, right = (grad, a) if trans_w else (a, grad)
-        grad_values = sdd(left, right, *topo, bm, bk, backend, ctx.conv)
+        grad_values = sdd_call(left, right, *topo, bm, bk, backend, ctx.conv)
     return (grad_a, grad_values) + (None,) * 11
 
 
@@ -247,11 +262,61 @@ def _sdd_backward(ctx, grad):
     n_cols = conv[4] * conv[5] * conv[3] if conv else b.shape[1]  # R*S*C for conv
     grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_a = dds(b, grad, *topo, n_rows, n_cols, True, backend, conv)
+        grad_a = dds_call(b, grad, *topo, n_rows, n_cols, True, backend, conv)
     if ctx.needs_input_grad[1]:
-        grad_b = dds(a, grad, *topo, n_rows, n_cols, False, backend, conv)
+        grad_b = dds_call(a, grad, *topo, n_rows, n_cols, False, backend, conv)
     return (grad_a, grad_b) + (None,) * 10
 
 
 dds.register_autograd(_dds_backward, setup_context=_dds_setup_context)
 sdd.register_autograd(_sdd_backward, setup_context=_sdd_setup_context)
+
+
+# ---- eager fast path ------------------------------------------------------------------------------
+# The custom ops' dispatch (schema defaults, dynamo-disable wrappers, autograd redispatch) costs
+# ~100 us of host time per call, more than the kernels of a small layer take. Eager callers
+# (functional.py, the backward above) go through autograd.Functions that run the same checks,
+# backends and backward formulas directly; under torch.compile, export or functorch transforms
+# they use the registered ops, which those systems understand.
+class _DdsFunction(torch.autograd.Function):
+    # forward(ctx, ...) rather than a separate setup_context: apply() is ~5x cheaper (measured)
+    @staticmethod
+    def forward(ctx, *args):
+        out = _dds_impl(*args)
+        _dds_setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _dds_backward(ctx, grad)
+
+
+class _SddFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, *args):
+        out = _sdd_impl(*args)
+        _sdd_setup_context(ctx, args, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _sdd_backward(ctx, grad)
+
+
+def _use_registered_ops() -> bool:
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
+             trans_w, backend="auto", conv=None) -> Tensor:
+    """ops.dds with the same arguments and result; the fast path in eager mode."""
+    args = (a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
+            trans_w, backend, conv)
+    return dds(*args) if _use_registered_ops() else _DdsFunction.apply(*args)
+
+
+def sdd_call(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
+             backend="auto", conv=None) -> Tensor:
+    """ops.sdd with the same arguments and result; the fast path in eager mode."""
+    args = (a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk, backend, conv)
+    return sdd(*args) if _use_registered_ops() else _SddFunction.apply(*args)

@@ -249,6 +249,23 @@ def test_dds_gradgradcheck(block_shape, trans_w, gen):
         lambda a, v: ops.dds(a, v, *topo, Mp, Kp, trans_w, "cpu"), (a, values))
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["custom_op", "eager_fast_path"])
+def test_eager_fast_path_matches_the_registered_ops(fast, gen):
+    """ops.dds_call / sdd_call (what functional.py uses in eager) give the custom ops' values,
+    first and second derivatives."""
+    m, values, x, dy = _grad_inputs((4, 4), "sparse", (3, 3), gen, batch=3)
+    Mp, Kp, bm, bk = _sizes(m)
+    topo = m.topology()
+    dds = ops.dds_call if fast else ops.dds
+    sdd = ops.sdd_call if fast else ops.sdd
+    assert torch.autograd.gradgradcheck(
+        lambda a, v: dds(a, v, *topo, Mp, Kp, True, "cpu"), (x, values), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda a, b: sdd(a, b, *topo, bm, bk, "cpu"), (dy, x),
+                                    fast_mode=True)
+    y = dds(x, values, *topo, Mp, Kp, True, "cpu")
+    assert_close(y, oracle_dds(x, values, m.row_offsets, m.col_idx, Mp, Kp, True))
+
+
 def test_sdd_gradgradcheck(gen):
     m, _, x, dy = _grad_inputs((3, 5), "sparse", (3, 3), gen, batch=3)
     _, _, bm, bk = _sizes(m)

@@ -32,7 +32,9 @@ from sparsekern.experiment.report import plot, write_summary
 from sparsekern.experiment.store import (ResultStore, atomic_write, block_name, cell_id,
                                          environment, load_checkpoint, save_checkpoint)
 
-RESUMABLE_KEYS = ("grid",)  # config sections that may differ when resuming a run directory
+# config sections that may differ when resuming a run directory: the grid (cells are added) and
+# how many CPU threads run it
+RESUMABLE_KEYS = ("grid", "threads")
 
 
 def default_out_dir(cfg: ExperimentConfig) -> Path:

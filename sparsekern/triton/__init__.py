@@ -73,18 +73,18 @@ class TritonBackend(backends.Backend):
             return f"triton is not importable ({_import_error})"
         return None
 
+    # Eager calls the launchers directly (the op dispatch costs more host time than a small
+    # kernel); traced code goes through the triton_ops, which torch.compile understands.
     def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None):
         row_offsets, col_idx, _, t_offsets, t_rows, t_perm = topo
-        _ops()
-        return torch.ops.sparsekern.triton_dds(a, values, row_offsets, col_idx, t_offsets, t_rows,
-                                               t_perm, n_rows, n_cols, trans_w,
-                                               _float32_precision, conv)
+        fn = torch.ops.sparsekern.triton_dds if torch.compiler.is_compiling() else _ops().dds
+        return fn(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
+                  trans_w, _float32_precision, conv)
 
     def sdd(self, a, b, topo, bm, bk, conv=None):
         _, col_idx, row_idx, _, _, _ = topo
-        _ops()
-        return torch.ops.sparsekern.triton_sdd(a, b, row_idx, col_idx, bm, bk,
-                                               _float32_precision, conv)
+        fn = torch.ops.sparsekern.triton_sdd if torch.compiler.is_compiling() else _ops().sdd
+        return fn(a, b, row_idx, col_idx, bm, bk, _float32_precision, conv)
 
 
 backends.register_backend(TritonBackend(), before="cuda")

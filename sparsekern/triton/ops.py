@@ -81,10 +81,10 @@ def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@triton_op("sparsekern::triton_dds", mutates_args=())
-def triton_dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
-               t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int, n_cols: int,
-               trans_w: bool, precision: str, conv: Optional[list[int]] = None) -> Tensor:
+def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, t_offsets: Tensor,
+        t_rows: Tensor, t_perm: Tensor, n_rows: int, n_cols: int, trans_w: bool, precision: str,
+        conv: Optional[list[int]] = None) -> Tensor:
+    """The launcher behind sparsekern::triton_dds (eager callers may call it directly)."""
     a = _unit_stride(a)
     values = values.contiguous()
     _, bm, bk = values.shape
@@ -121,9 +121,9 @@ def _sdd_splits(nnz: int, n_rows_total: int, device: torch.device) -> int:
     return max(1, min(-(-programs // nnz), n_rows_total // 512))
 
 
-@triton_op("sparsekern::triton_sdd", mutates_args=())
-def triton_sdd(a: Tensor, b: Tensor, row_idx: Tensor, col_idx: Tensor, bm: int, bk: int,
-               precision: str, conv: Optional[list[int]] = None) -> Tensor:
+def sdd(a: Tensor, b: Tensor, row_idx: Tensor, col_idx: Tensor, bm: int, bk: int,
+        precision: str, conv: Optional[list[int]] = None) -> Tensor:
+    """The launcher behind sparsekern::triton_sdd (eager callers may call it directly)."""
     a, b = _unit_stride(a), _unit_stride(b)
     nnz = row_idx.shape[0]
     n_total = a.shape[0]
@@ -140,6 +140,10 @@ def triton_sdd(a: Tensor, b: Tensor, row_idx: Tensor, col_idx: Tensor, bm: int, 
             ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)
     total = partial[0] if splits == 1 else partial.sum(0)
     return total.to(a.dtype)
+
+
+triton_dds = triton_op("sparsekern::triton_dds", dds, mutates_args=())
+triton_sdd = triton_op("sparsekern::triton_sdd", sdd, mutates_args=())
 
 
 # Explicit fake kernels: the ones triton_op derives run the launcher, which under the
