@@ -63,7 +63,7 @@ def _dot_mode(dtype: torch.dtype, precision: str):
     return (precision if dtype == torch.float32 else "ieee"), upcast
 
 
-def _geometry(conv, rows: int, n_cols: int):
+def _geometry(conv, n_cols: int):
     """(IS_CONV, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw); linear is the 1x1 image."""
     if conv:
         N, H, W, C, R, S, sh, sw, ph, pw, dh, dw, P, Q = conv
@@ -88,7 +88,7 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, t_offse
     a = _unit_stride(a)
     values = values.contiguous()
     _, bm, bk = values.shape
-    is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, a.shape[0], n_cols)
+    is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, n_cols)
     mode, upcast = _dot_mode(values.dtype, precision)
     common = dict(BM=bm, BK=bk, IS_CONV=is_conv, ACC_DTYPE=_acc_dtype(values.dtype),
                   PRECISION=mode, UPCAST=upcast)
@@ -99,8 +99,7 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, t_offse
             return out
         grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]), n_rows // bm)  # noqa: E731
         _launch(dds_nt, grid, a, values, row_offsets, col_idx, out, n_out, a.stride(0),
-                                  out.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
-                                  **common)
+                out.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw, **common)
         return out
     n_out = conv[0] * H * W if conv else a.shape[0]  # dx [N*H*W, C] or a @ W [B, n_cols]
     out = a.new_empty(n_out, C)
@@ -108,8 +107,7 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, t_offse
         return out
     grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]), C // bk)  # noqa: E731
     _launch(dds_nn, grid, a, values, t_offsets, t_rows, t_perm, out, n_out, a.stride(0),
-                              out.stride(0), H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw,
-                              **common)
+            out.stride(0), H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw, **common)
     return out
 
 
@@ -127,17 +125,16 @@ def sdd(a: Tensor, b: Tensor, row_idx: Tensor, col_idx: Tensor, bm: int, bk: int
     a, b = _unit_stride(a), _unit_stride(b)
     nnz = row_idx.shape[0]
     n_total = a.shape[0]
-    is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, n_total, b.shape[1])
+    is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, b.shape[1])
     acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     splits = _sdd_splits(nnz, n_total, a.device)
     per_split = -(-n_total // splits) if n_total else 0
     partial = torch.empty(splits, nnz, bm, bk, dtype=acc_dtype, device=a.device)
     if nnz:
         mode, upcast = _dot_mode(a.dtype, precision)
-        _launch(sdd_k, (nnz, splits),
-            a, b, row_idx, col_idx, partial, n_total, per_split, a.stride(0), b.stride(0),
-            H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw, BM=bm, BK=bk, IS_CONV=is_conv,
-            ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)
+        _launch(sdd_k, (nnz, splits), a, b, row_idx, col_idx, partial, n_total, per_split,
+                a.stride(0), b.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw, BM=bm, BK=bk,
+                IS_CONV=is_conv, ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)
     total = partial[0] if splits == 1 else partial.sum(0)
     return total.to(a.dtype)
 
