@@ -42,9 +42,12 @@ inline void check_csr(const at::Tensor& offsets, const at::Tensor& others, const
   }
 }
 
+// dims: 2 for the linear ops; a conv activation is 2-D (NHWC rows) or 4-D (NCHW), dims = 0.
 inline void check_dense(const at::Tensor& a, const char* name, at::ScalarType dtype,
-                        c10::DeviceType device) {
-  TORCH_CHECK_VALUE(a.dim() == 2, "sparsekern: ", name, " must be 2-D, got shape ", a.sizes());
+                        c10::DeviceType device, int64_t dims = 2) {
+  if (dims)
+    TORCH_CHECK_VALUE(a.dim() == dims, "sparsekern: ", name, " must be ", dims, "-D, got shape ",
+                      a.sizes());
   TORCH_CHECK_TYPE(a.scalar_type() == dtype, "sparsekern: ", name, " has dtype ", a.scalar_type(),
                    " but the block values have ", dtype);
   TORCH_CHECK_VALUE(a.device().type() == device, "sparsekern: ", name, " is on ", a.device(),
@@ -56,7 +59,7 @@ inline void check_dds_topology(const at::Tensor& a, const at::Tensor& values,
                                const at::Tensor& row_offsets, const at::Tensor& col_idx,
                                const at::Tensor& t_offsets, const at::Tensor& t_rows,
                                const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols,
-                               bool trans_w, c10::DeviceType device) {
+                               bool trans_w, c10::DeviceType device, int64_t dims = 2) {
   TORCH_CHECK_VALUE(values.dim() == 3, "sparsekern: values must be [nnz, bm, bk], got shape ",
                     values.sizes());
   TORCH_CHECK_VALUE(values.device().type() == device, "sparsekern: values are on ",
@@ -65,7 +68,7 @@ inline void check_dds_topology(const at::Tensor& a, const at::Tensor& values,
   TORCH_CHECK_VALUE(bm > 0 && bk > 0 && n_rows % bm == 0 && n_cols % bk == 0,
                     "sparsekern: matrix shape [", n_rows, ", ", n_cols,
                     "] is not a multiple of the block shape (", bm, ", ", bk, ")");
-  check_dense(a, "input", values.scalar_type(), device);
+  check_dense(a, "input", values.scalar_type(), device, dims);
   const int64_t n_brows = n_rows / bm, n_bcols = n_cols / bk;
   check_index_tensor(row_offsets, "row_offsets", n_brows + 1, device);
   check_index_tensor(col_idx, "col_idx", nnz, device);
@@ -90,8 +93,9 @@ inline void check_dds_args(const at::Tensor& a, const at::Tensor& values,
                     "] needs ", (trans_w ? n_cols : n_rows), (trans_w ? " (x @ W^T)" : " (x @ W)"));
 }
 
-// Implicit-GEMM view of a conv2d: activations are NHWC rows [N*H*W, C] (input) and [N*P*Q, *]
-// (output); W is [C_out (padded), R*S*C] with the reduction ordered (r, s, c).
+// Implicit-GEMM view of a conv2d: W is [C_out (padded), R*S*C] with the reduction ordered
+// (r, s, c). Activations are either NHWC rows, [N*H*W, C] (input) and [N*P*Q, *] (output), or
+// NCHW tensors, [N, C, H, W] and [N, *, P, Q]; every operand of one call in the same layout.
 struct ConvGeometry {
   int64_t N, H, W, C, R, S, sh, sw, ph, pw, dh, dw, P, Q;
   int64_t in_rows() const { return N * H * W; }
@@ -120,6 +124,15 @@ inline ConvGeometry check_conv_geometry(at::IntArrayRef conv, int64_t n_cols, in
   return g;
 }
 
+// a: NHWC rows [N*h*w, C] or NCHW [N, C, h, w].
+inline void check_conv_activation(const at::Tensor& a, const char* name, int64_t N, int64_t C,
+                                  int64_t h, int64_t w) {
+  const bool ok = a.dim() == 2 ? (a.size(0) == N * h * w && a.size(1) == C)
+                               : a.dim() == 4 && a.sizes() == at::IntArrayRef({N, C, h, w});
+  TORCH_CHECK_VALUE(ok, "sparsekern: ", name, " must be NHWC rows [", N * h * w, ", ", C,
+                    "] or NCHW [", N, ", ", C, ", ", h, ", ", w, "], got ", a.sizes());
+}
+
 inline ConvGeometry check_dds_conv_args(const at::Tensor& a, const at::Tensor& values,
                                         const at::Tensor& row_offsets, const at::Tensor& col_idx,
                                         const at::Tensor& t_offsets, const at::Tensor& t_rows,
@@ -127,12 +140,12 @@ inline ConvGeometry check_dds_conv_args(const at::Tensor& a, const at::Tensor& v
                                         bool trans_w, at::IntArrayRef conv,
                                         c10::DeviceType device) {
   check_dds_topology(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-                     trans_w, device);
+                     trans_w, device, 0);
   const ConvGeometry g = check_conv_geometry(conv, n_cols, values.size(2));
-  const int64_t rows = trans_w ? g.in_rows() : g.out_rows();
-  const int64_t width = trans_w ? g.C : n_rows;
-  TORCH_CHECK_VALUE(a.size(0) == rows && a.size(1) == width, "sparsekern: conv input must be [",
-                    rows, ", ", width, "] (NHWC rows), got ", a.sizes());
+  if (trans_w)
+    check_conv_activation(a, "conv input", g.N, g.C, g.H, g.W);
+  else
+    check_conv_activation(a, "conv grad output", g.N, n_rows, g.P, g.Q);
   return g;
 }
 
@@ -171,13 +184,15 @@ inline ConvGeometry check_sdd_conv_args(const at::Tensor& a, const at::Tensor& b
   TORCH_CHECK_VALUE(conv.size() == 14, "sparsekern: conv geometry must have 14 values");
   const int64_t n_cols = conv[4] * conv[5] * conv[3];
   const ConvGeometry g = check_conv_geometry(conv, n_cols, bk);
-  check_dense(a, "sdd left operand", a.scalar_type(), device);
-  check_dense(b, "sdd right operand", a.scalar_type(), device);
-  TORCH_CHECK_VALUE(a.size(0) == g.out_rows() && a.size(1) % bm == 0,
-                    "sparsekern: conv sdd left operand must be [N*P*Q, C_out padded], got ",
-                    a.sizes());
-  TORCH_CHECK_VALUE(b.size(0) == g.in_rows() && b.size(1) == g.C,
-                    "sparsekern: conv sdd right operand must be [N*H*W, C], got ", b.sizes());
+  check_dense(a, "sdd left operand", a.scalar_type(), device, 0);
+  check_dense(b, "sdd right operand", a.scalar_type(), device, a.dim());
+  TORCH_CHECK_VALUE(a.dim() == 2 || a.dim() == 4, "sparsekern: conv sdd operands must be NHWC "
+                    "rows or NCHW, got shape ", a.sizes());
+  const int64_t Mp = a.size(1);
+  TORCH_CHECK_VALUE(Mp % bm == 0, "sparsekern: conv sdd left operand has ", Mp,
+                    " channels, not a multiple of the block height ", bm);
+  check_conv_activation(a, "conv sdd left operand (grad output)", g.N, Mp, g.P, g.Q);
+  check_conv_activation(b, "conv sdd right operand (input)", g.N, g.C, g.H, g.W);
   const int64_t nnz = row_idx.numel();
   check_index_tensor(row_idx, "row_idx", nnz, device);
   check_index_tensor(col_idx, "col_idx", nnz, device);

@@ -31,6 +31,7 @@ def _native():
 class Backend:
     name = ""
     auto_devices: tuple[str, ...] | None = None  # device types "auto" may pick it for (None: all)
+    nchw = False  # conv on NCHW activations natively; if not, ops.py hands it NHWC rows
 
     def refuse(self, op: str, a: Tensor, dtype: torch.dtype, trans_w: bool, conv: bool,
                block: tuple[int, int] | None = None) -> str | None:
@@ -48,6 +49,7 @@ class NativeCPU(Backend):
     """C++ kernels in csrc/cpu: CPU tensors, float32/float64, every block shape."""
 
     name = "cpu"
+    nchw = True
 
     def refuse(self, op, a, dtype, trans_w, conv, block=None):
         if _native() is None:
@@ -72,6 +74,7 @@ class NativeCUDA(NativeCPU):
     """CUDA C++ kernels in csrc/cuda: so far only the forward product x @ W^T."""
 
     name = "cuda"
+    nchw = False
 
     def refuse(self, op, a, dtype, trans_w, conv, block=None):
         ext = _native()

@@ -16,8 +16,11 @@ All shapes here are the padded shapes; functional.py handles the logical ones.
 
 Conv2d is the same three products on the implicit-GEMM view: pass ``conv`` = the geometry
 [N, H, W, C, R, S, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, P, Q] (see conv_geometry);
-activations are then NHWC rows, x [N*H*W, C] and y [N*P*Q, Mp], W is [Mp, R*S*C] with the
-reduction ordered (r, s, c). The autograd below is the same for both.
+W is [Mp, R*S*C] with the reduction ordered (r, s, c). Activations are then either NHWC rows,
+x [N*H*W, C] and y [N*P*Q, Mp], or NCHW tensors, x [N, C, H, W] and y [N, Mp, P, Q]: the
+input's layout picks, and every tensor of the call and of its backward is in that layout.
+Backends without an NCHW path get NHWC rows (converted here). The autograd below is the same
+for all.
 """
 from __future__ import annotations
 
@@ -61,8 +64,21 @@ def conv_geometry(x_shape, kernel_size, stride, padding, dilation) -> list[int]:
 def dds_out_shape(a, n_rows, n_cols, trans_w, conv):
     if conv:
         N, H, W, C, *_, P, Q = conv
+        if a.dim() == 4:  # NCHW
+            return (N, n_rows, P, Q) if trans_w else (N, C, H, W)
         return (N * P * Q, n_rows) if trans_w else (N * H * W, C)
     return (a.shape[0], n_rows if trans_w else n_cols)
+
+
+def nchw_to_rows(t: Tensor) -> Tensor:
+    """NCHW [N, C, h, w] -> NHWC rows [N*h*w, C] (ATen's channels_last copy: the fast one)."""
+    return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(
+        -1, t.shape[1])
+
+
+def rows_to_nchw(rows: Tensor, N: int, h: int, w: int) -> Tensor:
+    """NHWC rows [N*h*w, C] -> contiguous NCHW [N, C, h, w]."""
+    return rows.reshape(N, h, w, rows.shape[1]).permute(0, 3, 1, 2).contiguous()
 
 
 @torch.library.register_fake("sparsekern::_dds_native")
@@ -119,6 +135,25 @@ def _check_dense(t: Tensor, name: str, width: int, dtype, device, other="the blo
         raise ValueError(f"{name} is on {t.device} but {other} is on {device}")
 
 
+def _check_conv_activation(t: Tensor, name: str, N: int, C: int, h: int, w: int, dtype, device,
+                           other="the block values") -> None:
+    """t: NHWC rows [N*h*w, C] or NCHW [N, C, h, w]."""
+    if t.dim() == 4:
+        if tuple(t.shape) != (N, C, h, w):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected NCHW {(N, C, h, w)}")
+    elif t.dim() == 2:
+        if tuple(t.shape) != (N * h * w, C):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected NHWC rows "
+                             f"{(N * h * w, C)}")
+    else:
+        raise ValueError(f"{name} must be NHWC rows (2-D) or NCHW (4-D), got shape "
+                         f"{tuple(t.shape)}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {other} has {dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {other} is on {device}")
+
+
 def _check_conv(conv, n_cols: int, bk: int) -> None:
     if len(conv) != len(CONV_FIELDS):
         raise ValueError(f"conv geometry must be {list(CONV_FIELDS)}, got {len(conv)} values")
@@ -147,13 +182,17 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
     if conv:
         _check_conv(conv, n_cols, bk)
         N, H, W, C, *_, P, Q = conv
-        rows, width = (N * H * W, C) if trans_w else (N * P * Q, n_rows)
-        _check_dense(a, "conv input", width, values.dtype, values.device)
-        if a.shape[0] != rows:
-            raise ValueError(f"conv input has {a.shape[0]} rows, expected {rows} (NHWC pixels)")
+        if trans_w:
+            _check_conv_activation(a, "conv input", N, C, H, W, values.dtype, values.device)
+        else:
+            _check_conv_activation(a, "conv grad output", N, n_rows, P, Q, values.dtype,
+                                   values.device)
     else:
         _check_dense(a, "input", n_cols if trans_w else n_rows, values.dtype, values.device)
     impl = backends.select("dds", backend, a, values.dtype, trans_w, bool(conv), (bm, bk))
+    if conv and a.dim() == 4 and not impl.nchw:
+        out = impl.dds(nchw_to_rows(a), values, topo, n_rows, n_cols, trans_w, conv)
+        return rows_to_nchw(out, N, *((P, Q) if trans_w else (H, W)))
     return impl.dds(a, values, topo, n_rows, n_cols, trans_w, conv or None)
 
 
@@ -165,8 +204,9 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx
 
     trans_w=True:  a [B, n_cols] -> a @ W^T [B, n_rows]
     trans_w=False: a [B, n_rows] -> a @ W   [B, n_cols]
-    With conv (implicit GEMM, NHWC rows): trans_w=True: x [N*H*W, C] -> y [N*P*Q, n_rows];
-    trans_w=False: dy [N*P*Q, n_rows] -> dx [N*H*W, C].
+    With conv (implicit GEMM), NHWC rows: trans_w=True: x [N*H*W, C] -> y [N*P*Q, n_rows];
+    trans_w=False: dy [N*P*Q, n_rows] -> dx [N*H*W, C]. NCHW: x [N, C, H, W] -> y
+    [N, n_rows, P, Q]; dy [N, n_rows, P, Q] -> dx [N, C, H, W].
     """
     return _dds_impl(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows,
                      n_cols, trans_w, backend, conv)
@@ -182,24 +222,30 @@ def _sdd_impl(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_id
               t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, bm: int, bk: int,
               backend: str = "auto", conv: Optional[list[int]] = None) -> Tensor:
     topo = (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm)
-    for t, name in ((a, "left"), (b, "right")):
-        if t.dim() != 2:
-            raise ValueError(f"sdd {name} operand must be 2-D, got shape {tuple(t.shape)}")
     if not a.is_floating_point():
         raise TypeError(f"sdd operands must be floating point, got {a.dtype}")
-    _check_dense(b, "sdd right operand", b.shape[1], a.dtype, a.device, "the left operand")
     if conv:
         N, H, W, C, R, S, *_, P, Q = conv
+        if a.dim() not in (2, 4) or b.dim() != a.dim():
+            raise ValueError(f"conv sdd operands must be both NHWC rows (2-D) or both NCHW "
+                             f"(4-D), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
         _check_topology(topo, col_idx.shape[0], a.shape[1], R * S * C, bm, bk, a.device)
         _check_conv(conv, R * S * C, bk)
-        if a.shape[0] != N * P * Q or tuple(b.shape) != (N * H * W, C):
-            raise ValueError(f"conv sdd operands must be [N*P*Q, Mp] and [N*H*W, C], got "
-                             f"{tuple(a.shape)} and {tuple(b.shape)}")
+        _check_conv_activation(a, "conv sdd left operand (grad output)", N, a.shape[1], P, Q,
+                               a.dtype, a.device, "itself")
+        _check_conv_activation(b, "conv sdd right operand (input)", N, C, H, W, a.dtype, a.device,
+                               "the left operand")
     else:
+        for t, name in ((a, "left"), (b, "right")):
+            if t.dim() != 2:
+                raise ValueError(f"sdd {name} operand must be 2-D, got shape {tuple(t.shape)}")
+        _check_dense(b, "sdd right operand", b.shape[1], a.dtype, a.device, "the left operand")
         _check_topology(topo, col_idx.shape[0], a.shape[1], b.shape[1], bm, bk, a.device)
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"sdd operands have batch {a.shape[0]} and {b.shape[0]}")
     impl = backends.select("sdd", backend, a, a.dtype, True, bool(conv), (bm, bk))
+    if conv and a.dim() == 4 and not impl.nchw:
+        return impl.sdd(nchw_to_rows(a), nchw_to_rows(b), topo, bm, bk, conv)
     return impl.sdd(a, b, topo, bm, bk, conv or None)
 
 
@@ -210,7 +256,8 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Ten
     """Sampled dense x dense: the stored blocks of a^T @ b on the given topology.
 
     a [B, Mp], b [B, Kp] -> [nnz, bm, bk] with block p = a[:, rows of p]^T @ b[:, cols of p].
-    With conv: a = dy [N*P*Q, Mp], b = x [N*H*W, C], and b's columns are the implicit im2col.
+    With conv: a = dy [N*P*Q, Mp], b = x [N*H*W, C] (or NCHW: dy [N, Mp, P, Q], x [N, C, H, W]),
+    and b's columns are the implicit im2col.
     """
     return _sdd_impl(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
                      backend, conv)

@@ -94,9 +94,11 @@ def gathered_weight_grad(grad4: torch.Tensor, m: BlockSparseMatrix) -> torch.Ten
     return oracle_blocks(padded, m.row_idx, m.col_idx, bm, bk)
 
 
-def check_bsr_conv2d(case, backend, dtype, gen, spy=None, bias=True, device="cpu"):
+def check_bsr_conv2d(case, backend, dtype, gen, spy=None, bias=True, device="cpu",
+                     memory_format=torch.contiguous_format):
     """Forward, grad input, grad values and grad bias of bsr_conv2d against float64 F.conv2d
-    (computed on the CPU; the operands of the backend under test live on `device`)."""
+    (computed on the CPU; the operands of the backend under test live on `device`, the input in
+    `memory_format`, which the output keeps)."""
     N, c_in, c_out, H, W, kernel, stride, padding, dilation, block, kind = case
     m = make_conv_weight(c_out, c_in, kernel, block, kind, dtype, gen)
     w4 = dense_conv_weight(m, c_in, kernel).requires_grad_()
@@ -106,14 +108,17 @@ def check_bsr_conv2d(case, backend, dtype, gen, spy=None, bias=True, device="cpu
     g = randn(*y64.shape, generator=gen)
     y64.backward(g)
 
-    x = x64.detach().to(device, dtype).requires_grad_()
+    x = x64.detach().to(device, dtype).contiguous(memory_format=memory_format).requires_grad_()
     values = m.values.detach().to(device).requires_grad_()
     b = b64.detach().to(device, dtype).requires_grad_() if bias else None
     weight = m.to(device).with_values(values)
     if spy is not None:
         spy.calls.clear()
     y = bsr_conv2d(x, weight, b, stride, padding, dilation, kernel_size=kernel, backend=backend)
-    assert y.dtype == dtype and y.shape == y64.shape and y.is_contiguous()
+    assert y.dtype == dtype and y.shape == y64.shape
+    # (a 1-channel or 1x1 input is contiguous in both formats: NCHW wins, as for F.conv2d)
+    assert y.is_contiguous(memory_format=torch.contiguous_format if x.is_contiguous()
+                           else memory_format)
     y.backward(g.to(device, dtype))
     if spy is not None:  # the forced backend really ran forward, grad input and grad weight
         assert spy.names() == {backend}, spy.calls
@@ -206,11 +211,18 @@ def test_case_list_covers_the_brief():
     assert any(c[3] % 2 and c[4] % 2 for c in CASES), "no odd spatial size"
 
 
+MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last)
+MEMORY_FORMAT_IDS = ("nchw", "cl")
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=MEMORY_FORMAT_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_bsr_conv2d_matches_f_conv2d(case, backend, dtype, backend_spy, gen):
-    m = check_bsr_conv2d(case, backend, dtype, gen, spy=backend_spy)
+def test_bsr_conv2d_matches_f_conv2d(case, backend, dtype, memory_format, backend_spy, gen):
+    """Both layouts of the ops: NCHW input runs the ops on NCHW tensors, channels_last input on
+    NHWC rows (see ops.py)."""
+    m = check_bsr_conv2d(case, backend, dtype, gen, spy=backend_spy, memory_format=memory_format)
     kind = case[-1]
     n_br, n_bc = m.block_grid
     if kind == "nnz0":
@@ -336,18 +348,27 @@ GRAD_GEOMETRIES = [
     (2, 4, 5, 6, (3, 3), (2, 2), (1, 1), (1, 1), 4, (2, 2)),
     (1, 2, 6, 5, (3, 3), (1, 1), (2, 1), (2, 2), 3, (1, 1)),
     (2, 4, 7, 6, (3, 2), (2, 1), (0, 1), (2, 1), 6, (4, 4)),
+    # 8x8 float64 blocks: the vector-length tile path on AVX-512 (stride 2, so the backward
+    # scatters into overlapping taps)
+    (2, 8, 5, 4, (3, 3), (2, 1), (1, 1), (1, 1), 8, (8, 8)),
 ]
-GRAD_IDS = ["s2", "d2", "mixed"]
+GRAD_IDS = ["s2", "d2", "mixed", "tiles"]
+LAYOUTS = ("rows", "nchw")  # the two activation layouts of the conv ops
 
 
-def _conv_op_inputs(geom, gen, kind="sparse"):
+def _conv_op_inputs(geom, gen, kind="sparse", layout="rows"):
+    """Operands of the conv ops: x and dy as NHWC rows [N*H*W, C] / [N*P*Q, Mp] or NCHW."""
     N, C, H, W, kernel, stride, padding, dilation, c_out, block = geom
     conv = ops.conv_geometry((N, C, H, W), kernel, stride, padding, dilation)
     m = make_conv_weight(c_out, C, kernel, block, kind, torch.float64, gen)
     P, Q = conv[-2:]
     Mp, Kp = m.padded_shape
-    x = randn(N * H * W, C, generator=gen).requires_grad_()
-    dy = randn(N * P * Q, Mp, generator=gen).requires_grad_()
+    if layout == "nchw":
+        x = randn(N, C, H, W, generator=gen).requires_grad_()
+        dy = randn(N, Mp, P, Q, generator=gen).requires_grad_()
+    else:
+        x = randn(N * H * W, C, generator=gen).requires_grad_()
+        dy = randn(N * P * Q, Mp, generator=gen).requires_grad_()
     values = m.values.clone().requires_grad_()
     return m, conv, x, dy, values
 
@@ -359,27 +380,68 @@ def test_conv_geometry_follows_the_formula():
     assert F.conv2d(x, torch.randn(1, 3, 3, 2), None, (2, 1), (1, 0), (2, 1)).shape[-2:] == (4, 7)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("trans_w", [True, False])
 @pytest.mark.parametrize("geom", GRAD_GEOMETRIES, ids=GRAD_IDS)
-def test_conv_dds_gradcheck(geom, trans_w, gen):
-    m, conv, x, dy, values = _conv_op_inputs(geom, gen)
+def test_conv_dds_gradcheck(geom, trans_w, layout, gen):
+    m, conv, x, dy, values = _conv_op_inputs(geom, gen, layout=layout)
     Mp, Kp = m.padded_shape
     topo = m.topology()
     a = x if trans_w else dy
     out = ops.dds(a, values, *topo, Mp, Kp, trans_w, "cpu", conv)
     N, H, W, C, *_, P, Q = conv
-    assert out.shape == ((N * P * Q, Mp) if trans_w else (N * H * W, C))
+    if layout == "nchw":
+        assert out.shape == ((N, Mp, P, Q) if trans_w else (N, C, H, W)) and out.is_contiguous()
+    else:
+        assert out.shape == ((N * P * Q, Mp) if trans_w else (N * H * W, C))
+    assert_close(out, ops.dds(a, values, *topo, Mp, Kp, trans_w, "reference", conv))
     assert torch.autograd.gradcheck(
         lambda a, v: ops.dds(a, v, *topo, Mp, Kp, trans_w, "cpu", conv), (a, values))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("geom", GRAD_GEOMETRIES, ids=GRAD_IDS)
-def test_conv_sdd_gradcheck(geom, gen):
-    m, conv, x, dy, _ = _conv_op_inputs(geom, gen)
+def test_conv_sdd_gradcheck(geom, layout, gen):
+    m, conv, x, dy, _ = _conv_op_inputs(geom, gen, layout=layout)
     bm, bk = m.block_shape
     topo = m.topology()
+    assert_close(ops.sdd(dy, x, *topo, bm, bk, "cpu", conv),
+                 ops.sdd(dy, x, *topo, bm, bk, "reference", conv))
     assert torch.autograd.gradcheck(lambda a, b: ops.sdd(a, b, *topo, bm, bk, "cpu", conv),
                                     (dy, x))
+
+
+def test_conv_ops_nchw_equal_rows(gen):
+    """The same products in both layouts, on every CPU path (tiles, shifted, chunked)."""
+    for geom in GRAD_GEOMETRIES + [(3, 16, 9, 10, (3, 3), (1, 1), (1, 1), (1, 1), 20, (16, 16)),
+                                   (2, 8, 7, 6, (3, 3), (2, 2), (1, 1), (1, 1), 8, (2, 2))]:
+        m, conv, x, dy, _ = _conv_op_inputs(geom, gen, layout="nchw")
+        N, H, W, C, *_, P, Q = conv
+        Mp, Kp = m.padded_shape
+        bm, bk = m.block_shape
+        topo = m.topology()
+        x, dy = x.detach(), dy.detach()
+        x_rows, dy_rows = ops.nchw_to_rows(x), ops.nchw_to_rows(dy)
+        y = ops.dds(x, m.values, *topo, Mp, Kp, True, "cpu", conv)
+        assert_close(y, ops.rows_to_nchw(ops.dds(x_rows, m.values, *topo, Mp, Kp, True, "cpu",
+                                                 conv), N, P, Q))
+        dx = ops.dds(dy, m.values, *topo, Mp, Kp, False, "cpu", conv)
+        assert_close(dx, ops.rows_to_nchw(ops.dds(dy_rows, m.values, *topo, Mp, Kp, False,
+                                                  "cpu", conv), N, H, W))
+        assert_close(ops.sdd(dy, x, *topo, bm, bk, "cpu", conv),
+                     ops.sdd(dy_rows, x_rows, *topo, bm, bk, "cpu", conv))
+
+
+def test_conv_ops_reject_mixed_layouts(gen):
+    m, conv, x, dy, _ = _conv_op_inputs(GRAD_GEOMETRIES[0], gen, layout="nchw")
+    bm, bk = m.block_shape
+    with pytest.raises(ValueError, match="both NHWC rows .* or both NCHW"):
+        ops.sdd(dy, ops.nchw_to_rows(x), *m.topology(), bm, bk, "cpu", conv)
+    with pytest.raises(ValueError, match="expected NCHW"):
+        ops.dds(x.transpose(2, 3), m.values, *m.topology(), *m.padded_shape, True, "cpu", conv)
+    with pytest.raises(ValueError, match="NCHW"):  # native op: a 3-D activation
+        dds_native(x[0], m.values, *[t for i, t in enumerate(m.topology()) if i != 2],
+                   *m.padded_shape, True, conv)
 
 
 def test_conv_dds_gradgradcheck(gen):
@@ -417,9 +479,10 @@ OPCHECK_GEOMS = [((2, 4, 5, 6, (3, 3), (2, 2), (1, 1), (1, 1), 6, (2, 2)), "spar
                  ((1, 4, 6, 5, (3, 3), (1, 1), (2, 2), (2, 2), 4, (4, 4)), "nnz0")]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("geom,kind", OPCHECK_GEOMS, ids=["s2-sparse", "d2-nnz0"])
-def test_opcheck_public_ops_with_conv(geom, kind, gen):
-    m, conv, x, dy, values = _conv_op_inputs(geom, gen, kind)
+def test_opcheck_public_ops_with_conv(geom, kind, layout, gen):
+    m, conv, x, dy, values = _conv_op_inputs(geom, gen, kind, layout)
     Mp, Kp = m.padded_shape
     bm, bk = m.block_shape
     topo = m.topology()
@@ -429,9 +492,10 @@ def test_opcheck_public_ops_with_conv(geom, kind, gen):
     torch.library.opcheck(op_sdd, (dy, x, *topo, bm, bk, "auto", conv))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("geom,kind", OPCHECK_GEOMS, ids=["s2-sparse", "d2-nnz0"])
-def test_opcheck_native_ops_with_conv(geom, kind, gen):
-    m, conv, x, dy, _ = _conv_op_inputs(geom, gen, kind)
+def test_opcheck_native_ops_with_conv(geom, kind, layout, gen):
+    m, conv, x, dy, _ = _conv_op_inputs(geom, gen, kind, layout)
     Mp, Kp = m.padded_shape
     bm, bk = m.block_shape
     ro, ci, ri, to, tr, tp = m.topology()
@@ -944,7 +1008,8 @@ BAD_GEOMETRIES = [
     (dict(pad_w=-1), "invalid conv geometry", "invalid conv geometry"),
     (dict(dil_h=0), "invalid conv geometry", "invalid conv geometry"),
     (dict(H=0), "invalid conv geometry", "invalid conv geometry"),
-    (dict(N=3), "conv input must be|conv input has 60 rows", "conv sdd"),  # x rows != N*H*W
+    # x rows != N*H*W
+    (dict(N=3), r"conv (input|grad output) (must be|has shape)", "conv sdd"),
 ]
 BAD_IDS = ["P", "Q", "C-R", "RS", "stride0", "negpad", "dil0", "H0", "N"]
 
@@ -1054,7 +1119,7 @@ def test_error_native_conv_operand_shapes_and_dtypes():
     Mp, Kp = m.padded_shape
     with pytest.raises(ValueError, match="conv input must be"):
         dds_native(x[:, :2], m.values, ro, ci, to, tr, tp, Mp, Kp, True, conv)
-    with pytest.raises(ValueError, match="conv input must be"):
+    with pytest.raises(ValueError, match="conv grad output must be"):
         dds_native(dy[:-1], m.values, ro, ci, to, tr, tp, Mp, Kp, False, conv)
     with pytest.raises(TypeError, match="dtype"):
         dds_native(x.float(), m.values, ro, ci, to, tr, tp, Mp, Kp, True, conv)
@@ -1064,9 +1129,9 @@ def test_error_native_conv_operand_shapes_and_dtypes():
         sdd_native(dy[:-1], x, ri, ci, 2, 2, conv)
     with pytest.raises(TypeError, match="dtype"):
         sdd_native(dy, x.float(), ri, ci, 2, 2, conv)
-    with pytest.raises(ValueError, match="conv input has 59 rows, expected 60"):
+    with pytest.raises(ValueError, match=r"conv input has shape \(59, 4\), expected NHWC rows \(60, 4\)"):
         ops.dds(x[:-1], m.values, *m.topology(), Mp, Kp, True, "cpu", conv)
-    with pytest.raises(ValueError, match="conv sdd operands must be"):
+    with pytest.raises(ValueError, match="conv sdd right operand"):
         ops.sdd(dy, x[:-1], *m.topology(), 2, 2, "cpu", conv)
 
 

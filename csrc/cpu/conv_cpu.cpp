@@ -4,10 +4,13 @@
 //   forward  y[N*P*Q, C_out]   = tile @ W^T                    (dds, trans_w=True)
 //   grad x   dx[N*H*W, C]      = col2im-add(dy_tile @ W)       (dds, trans_w=False)
 //   grad W   dW[nnz, bm, bk]  += sdd(dy_tile, tile)            (sdd)
+// Activations come as NHWC rows or as NCHW tensors (checks.h); each path reads and writes the
+// layout it is given, converting only cache-sized pieces.
 // Fast path (block widths a multiple of the vector length): small tiles, one per thread at a
 // time, packed and consumed while in L2 (threads own tiles, images for grad x, private dW
-// accumulators for grad W). Other block shapes: larger tiles through the generic linear entry
-// points, whose kernels parallelize inside.
+// accumulators for grad W). Narrower blocks at stride 1: the channel-major "shifted image"
+// path. Others: larger tiles through the generic linear entry points, whose kernels
+// parallelize inside.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -81,50 +84,95 @@ at::Tensor pack_tile(const at::Tensor& x, const ConvGeometry& g, int64_t o0, int
   return tile;
 }
 
-// dx[in_row, :] += dcol[t, tap*C : (tap+1)*C]; threads split the channels (no two write the same
-// element, whatever the overlap of the taps).
+// dx[in_row, :] += dcol[t, tap*C : (tap+1)*C] for channels [c0, c1) (callers that split the
+// channels between threads never write the same element, whatever the overlap of the taps).
 template <typename T>
-void col2im_add(const at::Tensor& dcol, at::Tensor& dx, const ConvGeometry& g, int64_t o0) {
-  const int64_t rows = dcol.size(0), width = g.R * g.S * g.C, C = g.C;
-  const T* src = dcol.data_ptr<T>();
-  T* dst = dx.data_ptr<T>();
-  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-    for (int64_t t = 0; t < rows; ++t)
-      for_each_tap(g, o0 + t, [&](int64_t in_row, int64_t tap) {
-        if (in_row < 0) return;
-        const T* s = src + t * width + tap * C;
-        T* d = dst + in_row * C;
-        for (int64_t c = c0; c < c1; ++c) d[c] += s[c];
-      });
-  });
+void col2im_add(const T* dcol, int64_t rows, T* dx, const ConvGeometry& g, int64_t o0,
+                int64_t c0, int64_t c1) {
+  const int64_t width = g.R * g.S * g.C, C = g.C;
+  for (int64_t t = 0; t < rows; ++t)
+    for_each_tap(g, o0 + t, [&](int64_t in_row, int64_t tap) {
+      if (in_row < 0) return;
+      const T* s = dcol + t * width + tap * C;
+      T* d = dx + in_row * C;
+      for (int64_t c = c0; c < c1; ++c) d[c] += s[c];
+    });
 }
 
+// dst[j * ldd + i] = src[i * lds + j] (the NCHW <-> NHWC conversions of cache-sized pieces).
+// load: from a tensor into a per-thread buffer; else from a buffer into a tensor.
+template <typename T>
+inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows,
+                      int64_t cols, bool load) {
+  static const KernelTable<T> kt = select_kernels<T>();
+  kt.transpose(src, lds, dst, ldd, rows, cols, load);
+}
+
+// ---- tile path: blocks a multiple of the vector length wide ----------------------------------
+// Work goes image by image in tiles of at most kTileRows output pixels. Activations are NHWC
+// rows or NCHW (`nchw`); for NCHW each thread converts the images it works on (input, grad
+// output, grad input) and its output tiles in its own buffers, which stay in cache, so no
+// converted copy of a whole tensor goes through memory.
 constexpr int64_t kTileRows = 64;
 
-// y = x * W on tiles of kTileRows output pixels, each thread its own tiles. W's blocks are
-// transposed once ([nnz, bk, bm]) so the column kernel walks them by block row.
+// The NHWC rows [hw, c] of image n of an activation: a pointer into it for NHWC rows, else a
+// per-thread copy of the NCHW image [c, hw], converted when the image changes.
+template <typename T>
+class ImageRows {
+ public:
+  ImageRows(const T* act, int64_t hw, int64_t c, bool nchw)
+      : act_(act), hw_(hw), c_(c), nchw_(nchw), buf_(nchw ? hw * c : 0) {}
+  const T* operator()(int64_t n) {
+    if (!nchw_) return act_ + n * hw_ * c_;
+    if (n != n_) transpose(act_ + n * c_ * hw_, hw_, buf_.data(), c_, c_, hw_, true);
+    n_ = n;
+    return buf_.data();
+  }
+
+ private:
+  const T* act_;
+  int64_t hw_, c_;
+  bool nchw_;
+  std::vector<T> buf_;
+  int64_t n_ = -1;
+};
+
+// One image of the geometry (tiles index pixels within their image).
+ConvGeometry single_image(const ConvGeometry& g) {
+  ConvGeometry one = g;
+  one.N = 1;
+  return one;
+}
+
+// y = x * W; W's blocks are transposed once ([nnz, bk, bm]) so the column kernel walks them by
+// block row.
 template <typename T>
 at::Tensor conv_forward_tiles(const at::Tensor& x, const at::Tensor& values,
                               const at::Tensor& row_offsets, const at::Tensor& col_idx,
-                              int64_t n_rows, const ConvGeometry& g) {
+                              int64_t n_rows, const ConvGeometry& g, bool nchw) {
   const KernelTable<T> kt = select_kernels<T>();
-  const int64_t width = g.R * g.S * g.C, out_rows = g.out_rows();
+  const int64_t width = g.R * g.S * g.C, PQ = g.P * g.Q;
   const int64_t bm = values.size(1), bk = values.size(2);
+  const int64_t tiles_per_image = (PQ + kTileRows - 1) / kTileRows;
   const at::Tensor vt = values.transpose(1, 2).contiguous();
   const std::vector<uint8_t> used = used_block_columns(col_idx, width / bk);
-  at::Tensor y = at::empty({out_rows, n_rows}, x.options());
-  const T* xp = x.data_ptr<T>();
+  const ConvGeometry one = single_image(g);
+  at::Tensor y = nchw ? at::empty({g.N, n_rows, g.P, g.Q}, x.options())
+                      : at::empty({g.out_rows(), n_rows}, x.options());
   T* yp = y.data_ptr<T>();
-  const int64_t n_tiles = (out_rows + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> tile(kTileRows * width);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o0 = t * kTileRows, rows = std::min(kTileRows, out_rows - o0);
-      pack_rows(xp, g, o0, rows, tile.data(), &used, bk);
+  at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<T> tile(kTileRows * width), y_tile(nchw ? kTileRows * n_rows : 0);
+    ImageRows<T> image(x.data_ptr<T>(), g.H * g.W, g.C, nchw);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
+      const int64_t rows = std::min(kTileRows, PQ - pq0);
+      pack_rows(image(n), one, pq0, rows, tile.data(), &used, bk);
+      T* out = nchw ? y_tile.data() : yp + (n * PQ + pq0) * n_rows;
       ColumnArgs<T> args{vt.data_ptr<T>(), row_offsets.data_ptr<int32_t>(),
                          col_idx.data_ptr<int32_t>(), nullptr, bk, bm, tile.data(), width,
-                         yp + o0 * n_rows, n_rows};
+                         out, n_rows};
       for (int64_t j = 0; j < n_rows / bm; ++j) kt.dds_columns(args, j, 0, rows);
+      if (nchw) transpose(out, n_rows, yp + n * n_rows * PQ + pq0, PQ, rows, n_rows, false);
     }
   });
   return y;
@@ -135,26 +183,32 @@ template <typename T>
 at::Tensor conv_grad_input_tiles(const at::Tensor& dy, const at::Tensor& values,
                                  const at::Tensor& t_offsets, const at::Tensor& t_rows,
                                  const at::Tensor& t_perm, int64_t n_rows,
-                                 const ConvGeometry& g) {
+                                 const ConvGeometry& g, bool nchw) {
   const KernelTable<T> kt = select_kernels<T>();
-  const int64_t width = g.R * g.S * g.C, PQ = g.P * g.Q;
+  const int64_t width = g.R * g.S * g.C, PQ = g.P * g.Q, HW = g.H * g.W;
   const int64_t bm = values.size(1), bk = values.size(2);
-  at::Tensor dx = at::empty({g.in_rows(), g.C}, dy.options());
+  const ConvGeometry one = single_image(g);
+  at::Tensor dx = nchw ? at::empty({g.N, g.C, g.H, g.W}, dy.options())
+                       : at::empty({g.in_rows(), g.C}, dy.options());
   const T* dyp = dy.data_ptr<T>();
-  const int64_t image = g.H * g.W * g.C;
+  T* dxp = dx.data_ptr<T>();
   at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
-    at::Tensor dcol = at::empty({kTileRows, width}, dy.options());
+    std::vector<T> dcol(kTileRows * width), dx_image(nchw ? HW * g.C : 0);
+    ImageRows<T> dy_image(dyp, PQ, n_rows, nchw);
     for (int64_t n = n0; n < n1; ++n) {
+      const T* dyi = dy_image(n);
       // Zero this image just before its scatter-adds, while it is going to stay in cache.
-      std::fill(dx.data_ptr<T>() + n * image, dx.data_ptr<T>() + (n + 1) * image, T(0));
-      for (int64_t o0 = n * PQ; o0 < (n + 1) * PQ; o0 += kTileRows) {
-        const int64_t rows = std::min(kTileRows, (n + 1) * PQ - o0);
+      T* dxi = nchw ? dx_image.data() : dxp + n * HW * g.C;
+      std::fill(dxi, dxi + HW * g.C, T(0));
+      for (int64_t pq0 = 0; pq0 < PQ; pq0 += kTileRows) {
+        const int64_t rows = std::min(kTileRows, PQ - pq0);
         ColumnArgs<T> args{values.data_ptr<T>(), t_offsets.data_ptr<int32_t>(),
                            t_rows.data_ptr<int32_t>(), t_perm.data_ptr<int32_t>(), bm, bk,
-                           dyp + o0 * n_rows, n_rows, dcol.data_ptr<T>(), width};
+                           dyi + pq0 * n_rows, n_rows, dcol.data(), width};
         for (int64_t j = 0; j < width / bk; ++j) kt.dds_columns(args, j, 0, rows);
-        col2im_add<T>(dcol.narrow(0, 0, rows), dx, g, o0);  // serial: inside a parallel region
+        col2im_add(dcol.data(), rows, dxi, one, pq0, 0, g.C);
       }
+      if (nchw) transpose(dxi, g.C, dxp + n * g.C * HW, HW, HW, g.C, false);
     }
   });
   return dx;
@@ -164,22 +218,26 @@ at::Tensor conv_grad_input_tiles(const at::Tensor& dy, const at::Tensor& values,
 template <typename T>
 at::Tensor conv_grad_values_tiles(const at::Tensor& dy, const at::Tensor& x,
                                   const at::Tensor& row_idx, const at::Tensor& col_idx,
-                                  int64_t bm, int64_t bk, const ConvGeometry& g) {
+                                  int64_t bm, int64_t bk, const ConvGeometry& g, bool nchw) {
   const KernelTable<T> kt = select_kernels<T>();
-  const int64_t width = g.R * g.S * g.C, out_rows = g.out_rows(), nnz = row_idx.numel();
+  const int64_t width = g.R * g.S * g.C, PQ = g.P * g.Q, nnz = row_idx.numel();
+  const int64_t n_rows = dy.size(1), tiles_per_image = (PQ + kTileRows - 1) / kTileRows;
   const int64_t n_threads = at::get_num_threads();
   std::vector<at::Tensor> partial(n_threads);
   const std::vector<uint8_t> used = used_block_columns(col_idx, width / bk);
-  const int64_t n_tiles = (out_rows + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+  const ConvGeometry one = single_image(g);
+  const T* dyp = dy.data_ptr<T>();
+  at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
     at::Tensor acc = at::zeros({nnz, bm, bk}, dy.options());
     std::vector<T> tile(kTileRows * width);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o0 = t * kTileRows, rows = std::min(kTileRows, out_rows - o0);
-      pack_rows(x.data_ptr<T>(), g, o0, rows, tile.data(), &used, bk);
-      SddArgs<T> args{dy.data_ptr<T>() + o0 * dy.stride(0), tile.data(),
-                      row_idx.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), bm, bk,
-                      acc.data_ptr<T>(), width, dy.stride(0), rows, true};
+    ImageRows<T> image(x.data_ptr<T>(), g.H * g.W, g.C, nchw), dy_image(dyp, PQ, n_rows, nchw);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
+      const int64_t rows = std::min(kTileRows, PQ - pq0);
+      pack_rows(image(n), one, pq0, rows, tile.data(), &used, bk);
+      SddArgs<T> args{dy_image(n) + pq0 * n_rows, tile.data(), row_idx.data_ptr<int32_t>(),
+                      col_idx.data_ptr<int32_t>(), bm, bk, acc.data_ptr<T>(), width, n_rows,
+                      rows, true};
       for (int64_t p = 0; p < nnz; ++p) kt.sdd_batch_major(args, p);
     }
     partial[at::get_thread_num()] = acc;
@@ -216,21 +274,30 @@ struct WideLayout {
 
 bool use_shifted_path(const ConvGeometry& g) { return g.sh == 1 && g.sw == 1; }
 
-// NHWC rows [N*H*W, C] -> [C, ld] padded images (in = true), or back (in = false), cropping
-// the rows [rows_h, rows_w] that start at (off_h, off_w) inside each padded image.
+// Activations [N, rows_h, rows_w, C] (NHWC rows) or [N, C, rows_h, rows_w] (nchw) -> [C, ld]
+// padded images (in = true), or back (in = false), cropping the rows [rows_h, rows_w] that start
+// at (off_h, off_w) inside each padded image.
 template <typename T>
-void wide_transfer(T* wide, T* rows, const WideLayout& L, int64_t N, int64_t rows_h,
-                   int64_t rows_w, int64_t off_h, int64_t off_w, int64_t C, bool in) {
+void wide_transfer(T* wide, T* act, const WideLayout& L, int64_t N, int64_t rows_h,
+                   int64_t rows_w, int64_t off_h, int64_t off_w, int64_t C, bool nchw, bool in) {
   at::parallel_for(0, N * rows_h, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / rows_h, h = i % rows_h;
-      T* r = rows + (n * rows_h + h) * rows_w * C;  // one image row, [rows_w, C], in L1
       T* col = wide + L.front + n * L.img + (h + off_h) * L.Wp + off_w;
       for (int64_t c = 0; c < C; ++c, col += L.ld) {  // contiguous runs in the wide buffer
+        if (nchw) {  // contiguous on both sides
+          T* r = act + ((n * C + c) * rows_h + h) * rows_w;
+          if (in)
+            std::memcpy(col, r, rows_w * sizeof(T));
+          else
+            std::memcpy(r, col, rows_w * sizeof(T));
+          continue;
+        }
+        T* r = act + (n * rows_h + h) * rows_w * C + c;  // one image row, [rows_w, C], in L1
         if (in)
-          for (int64_t w = 0; w < rows_w; ++w) col[w] = r[w * C + c];
+          for (int64_t w = 0; w < rows_w; ++w) col[w] = r[w * C];
         else
-          for (int64_t w = 0; w < rows_w; ++w) r[w * C + c] = col[w];
+          for (int64_t w = 0; w < rows_w; ++w) r[w * C] = col[w];
       }
     }
   });
@@ -250,14 +317,14 @@ void spmm_positions(const KernelTable<T>& kt, const SpmmArgs<T>& args, int64_t n
 template <typename T>
 at::Tensor conv_forward_shifted(const at::Tensor& x, const at::Tensor& values,
                                 const at::Tensor& row_offsets, const at::Tensor& col_idx,
-                                int64_t n_rows, const ConvGeometry& g) {
+                                int64_t n_rows, const ConvGeometry& g, bool nchw) {
   const KernelTable<T> kt = select_kernels<T>();
   const WideLayout L(g, kt.tile_b);
   const int64_t nnz = values.size(0), bm = values.size(1), bk = values.size(2);
   const int64_t n_cb = g.C / bk;
   at::Tensor xw = at::zeros({g.C, L.ld}, x.options());
   wide_transfer<T>(xw.data_ptr<T>(), const_cast<T*>(x.data_ptr<T>()), L, g.N, g.H, g.W, g.ph,
-                   g.pw, g.C, true);
+                   g.pw, g.C, nchw, true);
   std::vector<int64_t> d_off(nnz);
   const int32_t* cols = col_idx.data_ptr<int32_t>();
   for (int64_t e = 0; e < nnz; ++e)
@@ -266,8 +333,10 @@ at::Tensor conv_forward_shifted(const at::Tensor& x, const at::Tensor& values,
   SpmmArgs<T> args{values.data_ptr<T>(), row_offsets.data_ptr<int32_t>(), cols, nullptr, bm,
                    bk, bk, 1, bm * bk, xw.data_ptr<T>(), yw.data_ptr<T>(), L.ld, d_off.data()};
   spmm_positions(kt, args, n_rows / bm, L);
-  at::Tensor y = at::empty({g.out_rows(), n_rows}, x.options());
-  wide_transfer<T>(yw.data_ptr<T>(), y.data_ptr<T>(), L, g.N, g.P, g.Q, 0, 0, n_rows, false);
+  at::Tensor y = nchw ? at::empty({g.N, n_rows, g.P, g.Q}, x.options())
+                      : at::empty({g.out_rows(), n_rows}, x.options());
+  wide_transfer<T>(yw.data_ptr<T>(), y.data_ptr<T>(), L, g.N, g.P, g.Q, 0, 0, n_rows, nchw,
+                   false);
   return y;
 }
 
@@ -277,14 +346,14 @@ template <typename T>
 at::Tensor conv_grad_input_shifted(const at::Tensor& dy, const at::Tensor& values,
                                    const at::Tensor& t_offsets, const at::Tensor& t_rows,
                                    const at::Tensor& t_perm, int64_t n_rows,
-                                   const ConvGeometry& g) {
+                                   const ConvGeometry& g, bool nchw) {
   const KernelTable<T> kt = select_kernels<T>();
   const WideLayout L(g, kt.tile_b);
   const int64_t nnz = values.size(0), bm = values.size(1), bk = values.size(2);
   const int64_t n_cb = g.C / bk, taps = g.R * g.S;
   at::Tensor dyw = at::zeros({n_rows, L.ld}, dy.options());
   wide_transfer<T>(dyw.data_ptr<T>(), const_cast<T*>(dy.data_ptr<T>()), L, g.N, g.P, g.Q, 0, 0,
-                   n_rows, true);
+                   n_rows, nchw, true);
   std::vector<int32_t> seg_offsets(n_cb + 1, 0), perm(nnz);
   std::vector<int64_t> d_off(nnz);
   const int32_t *toff = t_offsets.data_ptr<int32_t>(), *trow = t_rows.data_ptr<int32_t>(),
@@ -304,24 +373,26 @@ at::Tensor conv_grad_input_shifted(const at::Tensor& dy, const at::Tensor& value
   SpmmArgs<T> args{values.data_ptr<T>(), seg_offsets.data(), nullptr, perm.data(), bk, bm, 1,
                    bk, bm * bk, dyw.data_ptr<T>(), dxw.data_ptr<T>(), L.ld, d_off.data()};
   spmm_positions(kt, args, n_cb, L);
-  at::Tensor dx = at::empty({g.in_rows(), g.C}, dy.options());
-  wide_transfer<T>(dxw.data_ptr<T>(), dx.data_ptr<T>(), L, g.N, g.H, g.W, g.ph, g.pw, g.C, false);
+  at::Tensor dx = nchw ? at::empty({g.N, g.C, g.H, g.W}, dy.options())
+                       : at::empty({g.in_rows(), g.C}, dy.options());
+  wide_transfer<T>(dxw.data_ptr<T>(), dx.data_ptr<T>(), L, g.N, g.H, g.W, g.ph, g.pw, g.C, nchw,
+                   false);
   return dx;
 }
 
 template <typename T>
 at::Tensor conv_grad_values_shifted(const at::Tensor& dy, const at::Tensor& x,
                                     const at::Tensor& row_idx, const at::Tensor& col_idx,
-                                    int64_t bm, int64_t bk, const ConvGeometry& g) {
+                                    int64_t bm, int64_t bk, const ConvGeometry& g, bool nchw) {
   const KernelTable<T> kt = select_kernels<T>();
   const WideLayout L(g, kt.tile_b);
   const int64_t nnz = row_idx.numel(), n_rows = dy.size(1), n_cb = g.C / bk;
   at::Tensor dyw = at::zeros({n_rows, L.ld}, dy.options());
   wide_transfer<T>(dyw.data_ptr<T>(), const_cast<T*>(dy.data_ptr<T>()), L, g.N, g.P, g.Q, 0, 0,
-                   n_rows, true);
+                   n_rows, nchw, true);
   at::Tensor xw = at::zeros({g.C, L.ld}, x.options());
   wide_transfer<T>(xw.data_ptr<T>(), const_cast<T*>(x.data_ptr<T>()), L, g.N, g.H, g.W, g.ph,
-                   g.pw, g.C, true);
+                   g.pw, g.C, nchw, true);
   std::vector<int64_t> a_off(nnz), b_off(nnz);
   const int32_t *rows = row_idx.data_ptr<int32_t>(), *cols = col_idx.data_ptr<int32_t>();
   for (int64_t p = 0; p < nnz; ++p) {
@@ -338,6 +409,15 @@ at::Tensor conv_grad_values_shifted(const at::Tensor& dy, const at::Tensor& x,
   return out;
 }
 
+// NCHW [N, C, h, w] <-> NHWC rows [N*h*w, C], for the generic path (ATen's channels_last
+// conversion is much faster than a generic permute copy).
+at::Tensor nchw_to_rows(const at::Tensor& a) {
+  return a.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({-1, a.size(1)});
+}
+at::Tensor rows_to_nchw(const at::Tensor& rows, int64_t N, int64_t h, int64_t w) {
+  return rows.reshape({N, h, w, rows.size(1)}).permute({0, 3, 1, 2}).contiguous();
+}
+
 }  // namespace
 
 at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
@@ -345,37 +425,43 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
                         const at::Tensor& t_offsets, const at::Tensor& t_rows,
                         const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols, bool trans_w,
                         const ConvGeometry& g) {
+  const bool nchw = a.dim() == 4;
   const at::Tensor ac = a.contiguous();
-  const int64_t chunk = chunk_rows(g), out_rows = g.out_rows();
+  const at::Tensor v = values.contiguous();
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_dds_conv_cpu", [&] {
     const int64_t vec_len = select_kernels<scalar_t>().vec_len;
-    const at::Tensor v = values.contiguous();
     if (trans_w && v.size(1) % vec_len == 0) {
-      out = conv_forward_tiles<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g);
+      out = conv_forward_tiles<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g, nchw);
     } else if (!trans_w && v.size(2) % vec_len == 0) {
-      out = conv_grad_input_tiles<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g);
+      out = conv_grad_input_tiles<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
     } else if (trans_w && use_shifted_path(g)) {
-      out = conv_forward_shifted<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g);
+      out = conv_forward_shifted<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g, nchw);
     } else if (!trans_w && use_shifted_path(g)) {
-      out = conv_grad_input_shifted<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g);
+      out = conv_grad_input_shifted<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
+    } else if (nchw) {  // generic path: on NHWC rows
+      out = dds_conv_cpu(nchw_to_rows(ac), v, row_offsets, col_idx, t_offsets, t_rows, t_perm,
+                         n_rows, n_cols, trans_w, g);
+      out = trans_w ? rows_to_nchw(out, g.N, g.P, g.Q) : rows_to_nchw(out, g.N, g.H, g.W);
     } else if (trans_w) {
+      const int64_t chunk = chunk_rows(g), out_rows = g.out_rows();
       out = at::empty({out_rows, n_rows}, a.options());
       for (int64_t o0 = 0; o0 < out_rows; o0 += chunk) {
         const int64_t rows = std::min(chunk, out_rows - o0);
         const at::Tensor tile = pack_tile<scalar_t>(ac, g, o0, rows);
-        out.narrow(0, o0, rows).copy_(dds_linear_cpu(tile, values, row_offsets, col_idx,
-                                                     t_offsets, t_rows, t_perm, n_rows, n_cols,
-                                                     true));
+        out.narrow(0, o0, rows).copy_(dds_linear_cpu(tile, v, row_offsets, col_idx, t_offsets,
+                                                     t_rows, t_perm, n_rows, n_cols, true));
       }
     } else {
+      const int64_t chunk = chunk_rows(g), out_rows = g.out_rows();
       out = at::zeros({g.in_rows(), g.C}, a.options());
       for (int64_t o0 = 0; o0 < out_rows; o0 += chunk) {
         const int64_t rows = std::min(chunk, out_rows - o0);
-        const at::Tensor dcol = dds_linear_cpu(ac.narrow(0, o0, rows), values, row_offsets,
-                                               col_idx, t_offsets, t_rows, t_perm, n_rows,
-                                               n_cols, false);
-        col2im_add<scalar_t>(dcol, out, g, o0);
+        const at::Tensor dcol = dds_linear_cpu(ac.narrow(0, o0, rows), v, row_offsets, col_idx,
+                                               t_offsets, t_rows, t_perm, n_rows, n_cols, false);
+        at::parallel_for(0, g.C, 16, [&](int64_t c0, int64_t c1) {
+          col2im_add(dcol.data_ptr<scalar_t>(), rows, out.data_ptr<scalar_t>(), g, o0, c0, c1);
+        });
       }
     }
   });
@@ -384,22 +470,24 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
 
 at::Tensor sdd_conv_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,
                         const at::Tensor& col_idx, int64_t bm, int64_t bk, const ConvGeometry& g) {
-  const at::Tensor bc = b.contiguous();
-  const int64_t chunk = chunk_rows(g), out_rows = g.out_rows();
-  at::Tensor out = at::zeros({row_idx.numel(), bm, bk}, a.options());
+  const bool nchw = a.dim() == 4;
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_sdd_conv_cpu", [&] {
     if (bk % select_kernels<scalar_t>().vec_len == 0) {
-      out = conv_grad_values_tiles<scalar_t>(a.contiguous(), bc, row_idx, col_idx, bm, bk, g);
-      return;
-    }
-    if (use_shifted_path(g)) {
-      out = conv_grad_values_shifted<scalar_t>(a.contiguous(), bc, row_idx, col_idx, bm, bk, g);
-      return;
-    }
-    for (int64_t o0 = 0; o0 < out_rows; o0 += chunk) {
-      const int64_t rows = std::min(chunk, out_rows - o0);
-      const at::Tensor tile = pack_tile<scalar_t>(bc, g, o0, rows);
-      out.add_(sdd_linear_cpu(a.narrow(0, o0, rows), tile, row_idx, col_idx, bm, bk));
+      out = conv_grad_values_tiles<scalar_t>(ac, bc, row_idx, col_idx, bm, bk, g, nchw);
+    } else if (use_shifted_path(g)) {
+      out = conv_grad_values_shifted<scalar_t>(ac, bc, row_idx, col_idx, bm, bk, g, nchw);
+    } else if (nchw) {  // generic path: on NHWC rows
+      out = sdd_conv_cpu(nchw_to_rows(ac), nchw_to_rows(bc), row_idx, col_idx, bm, bk, g);
+    } else {
+      const int64_t chunk = chunk_rows(g), out_rows = g.out_rows();
+      out = at::zeros({row_idx.numel(), bm, bk}, a.options());
+      for (int64_t o0 = 0; o0 < out_rows; o0 += chunk) {
+        const int64_t rows = std::min(chunk, out_rows - o0);
+        const at::Tensor tile = pack_tile<scalar_t>(bc, g, o0, rows);
+        out.add_(sdd_linear_cpu(ac.narrow(0, o0, rows), tile, row_idx, col_idx, bm, bk));
+      }
     }
   });
   return out;

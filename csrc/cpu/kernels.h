@@ -80,6 +80,10 @@ struct KernelTable {
   void (*sdd_batch_major)(const SddArgs<T>&, int64_t p);
   // Block column j, batch rows [b0, b0 + nb); only for bk % vec_len == 0.
   void (*dds_columns)(const ColumnArgs<T>&, int64_t j, int64_t b0, int64_t nb);
+  // dst[j * ldd + i] = src[i * lds + j] for i < rows, j < cols (NCHW <-> NHWC pieces); the
+  // loop order streams the source (src_in_memory) or the destination.
+  void (*transpose)(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols,
+                    bool src_in_memory);
 };
 
 KernelTable<float> kernels_f32_avx512();

@@ -273,8 +273,67 @@ static void dds_columns(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t n
   for (; k + L <= a.bk; k += L) columns_rows<T, 1>(a, j, b0, nb, k);
 }
 
+// 8x8 transpose in registers: three rounds of two-vector shuffles (unpack pairs, pairs of
+// pairs, halves), 8 loads and 8 stores for 64 elements. Vectors of 8 elements whatever the ISA
+// (GCC splits or widens them as needed).
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define SK_HAVE_SHUFFLEVECTOR 1
+#endif
+#endif
+
+#ifdef SK_HAVE_SHUFFLEVECTOR
+template <typename T>
+static inline void transpose8x8(const T* s, int64_t lds, T* d, int64_t ldd) {
+  typedef T v8 __attribute__((vector_size(8 * sizeof(T))));
+  v8 r[8], a[8], b[8];
+  for (int i = 0; i < 8; ++i) __builtin_memcpy(&r[i], s + i * lds, sizeof(v8));
+  for (int i = 0; i < 8; i += 2) {
+    a[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    a[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4)
+    for (int k = 0; k < 2; ++k) {
+      b[i + 2 * k] = __builtin_shufflevector(a[i + k], a[i + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      b[i + 2 * k + 1] = __builtin_shufflevector(a[i + k], a[i + k + 2], 2, 3, 10, 11, 6, 7, 14,
+                                                 15);
+    }
+  for (int k = 0; k < 4; ++k) {
+    const v8 lo = __builtin_shufflevector(b[k], b[k + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    const v8 hi = __builtin_shufflevector(b[k], b[k + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    __builtin_memcpy(d + k * ldd, &lo, sizeof(v8));
+    __builtin_memcpy(d + (k + 4) * ldd, &hi, sizeof(v8));
+  }
+}
+#endif
+
+// dst[j * ldd + i] = src[i * lds + j]. The side that lives in memory is walked row by row
+// (8 rows at a time, front to back, so the prefetchers see 8 sequential streams); the other
+// side is expected in cache. src_in_memory: source rows outermost, else destination rows.
+template <typename T>
+static void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows,
+                      int64_t cols, bool src_in_memory) {
+#ifdef SK_HAVE_SHUFFLEVECTOR
+  const int64_t rows8 = rows / 8 * 8, cols8 = cols / 8 * 8;
+  if (src_in_memory) {
+    for (int64_t i0 = 0; i0 < rows8; i0 += 8)
+      for (int64_t j0 = 0; j0 < cols8; j0 += 8)
+        transpose8x8(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
+  } else {
+    for (int64_t j0 = 0; j0 < cols8; j0 += 8)
+      for (int64_t i0 = 0; i0 < rows8; i0 += 8)
+        transpose8x8(src + i0 * lds + j0, lds, dst + j0 * ldd + i0, ldd);
+  }
+#else
+  const int64_t rows8 = 0, cols8 = 0;
+  (void)src_in_memory;
+#endif
+  for (int64_t j = 0; j < cols; ++j)  // the edges
+    for (int64_t i = j < cols8 ? rows8 : 0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
+}
+
 template <typename T>
 static KernelTable<T> table(const char* isa) {
   return KernelTable<T>{isa, Vec<T>::len, 8 * Vec<T>::len, &spmm<T>, &sdd<T>,
-                        &sdd_batch_major<T>, &dds_columns<T>};
+                        &sdd_batch_major<T>, &dds_columns<T>, &transpose<T>};
 }
