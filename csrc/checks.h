@@ -93,6 +93,19 @@ inline void check_dds_args(const at::Tensor& a, const at::Tensor& values,
                     "] needs ", (trans_w ? n_cols : n_rows), (trans_w ? " (x @ W^T)" : " (x @ W)"));
 }
 
+// An optional bias of y = x @ W^T: [n_rows], the dtype and device of the values.
+inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& values,
+                       int64_t n_rows, bool trans_w) {
+  if (!bias.has_value()) return;
+  TORCH_CHECK_VALUE(trans_w, "sparsekern: a bias is added to x @ W^T only (trans_w=True)");
+  TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n_rows, "sparsekern: bias must be [",
+                    n_rows, "], got shape ", bias->sizes());
+  TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type(), "sparsekern: bias has dtype ",
+                   bias->scalar_type(), " but the block values have ", values.scalar_type());
+  TORCH_CHECK_VALUE(bias->device() == values.device(), "sparsekern: bias is on ", bias->device(),
+                    " but the block values are on ", values.device());
+}
+
 // Implicit-GEMM view of a conv2d: W is [C_out (padded), R*S*C] with the reduction ordered
 // (r, s, c). Activations are either NHWC rows, [N*H*W, C] (input) and [N*P*Q, *] (output), or
 // NCHW tensors, [N, C, H, W] and [N, *, P, Q]; every operand of one call in the same layout.

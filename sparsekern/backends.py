@@ -32,6 +32,7 @@ class Backend:
     name = ""
     auto_devices: tuple[str, ...] | None = None  # device types "auto" may pick it for (None: all)
     nchw = False  # conv on NCHW activations natively; if not, ops.py hands it NHWC rows
+    fused_bias = False  # dds(..., bias=) adds the bias itself; if not, ops.py adds it after
 
     def refuse(self, op: str, a: Tensor, dtype: torch.dtype, trans_w: bool, conv: bool,
                block: tuple[int, int] | None = None) -> str | None:
@@ -39,6 +40,7 @@ class Backend:
         raise NotImplementedError
 
     def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None):  # pragma: no cover
+        """(With fused_bias, also a keyword `bias`.)"""
         raise NotImplementedError
 
     def sdd(self, a, b, topo, bm, bk, conv=None):  # pragma: no cover - interface
@@ -50,6 +52,7 @@ class NativeCPU(Backend):
 
     name = "cpu"
     nchw = True
+    fused_bias = True
 
     def refuse(self, op, a, dtype, trans_w, conv, block=None):
         if _native() is None:
@@ -60,10 +63,10 @@ class NativeCPU(Backend):
             return f"supports float32 and float64, got {dtype}"
         return None
 
-    def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None):
+    def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None, bias=None):
         row_offsets, col_idx, _, t_offsets, t_rows, t_perm = topo
         return torch.ops.sparsekern._dds_native(a, values, row_offsets, col_idx, t_offsets, t_rows,
-                                                t_perm, n_rows, n_cols, trans_w, conv)
+                                                t_perm, n_rows, n_cols, trans_w, conv, bias)
 
     def sdd(self, a, b, topo, bm, bk, conv=None):
         _, col_idx, row_idx, _, _, _ = topo
@@ -75,6 +78,7 @@ class NativeCUDA(NativeCPU):
 
     name = "cuda"
     nchw = False
+    fused_bias = False
 
     def refuse(self, op, a, dtype, trans_w, conv, block=None):
         ext = _native()

@@ -28,12 +28,18 @@ def bsr_linear(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     # Resolve the backend scope here, in traced Python, so torch.compile guards on it (a name
     # resolved inside the op's autograd would be frozen into the compiled backward).
     backend = backends.resolve_name(backend)
-    y = ops.dds_call(x, weight.values, *weight.topology(), Mp, Kp, True, backend)
+    y = ops.dds_call(x, weight.values, *weight.topology(), Mp, Kp, True, backend, None,
+                     _padded_bias(bias, Mp))
     if Mp != out_features:
         y = y[:, :out_features]
-    if bias is not None:
-        y = y + bias
     return y.reshape(*lead, out_features)
+
+
+def _padded_bias(bias: Tensor | None, Mp: int) -> Tensor | None:
+    """The bias over the padded output rows (the op adds it in the kernel's store)."""
+    if bias is None or bias.shape[-1] == Mp:
+        return bias
+    return F.pad(bias, (0, Mp - bias.shape[-1]))
 
 
 def _pair(v, name: str) -> tuple[int, int]:
@@ -110,13 +116,10 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     x = input.permute(0, 2, 3, 1).reshape(-1, C) if channels_last else input.contiguous()
     Mp, Kp = weight.padded_shape
     backend = backends.resolve_name(backend)
-    y = ops.dds_call(x, weight.values, *weight.topology(), Mp, Kp, True, backend, geometry)
-    if channels_last:
-        if Mp != C_out:  # drop the padded channels; keep rows dense so the result is channels_last
-            y = y[:, :C_out].contiguous()
-        y = y.reshape(N, P, Q, C_out).permute(0, 3, 1, 2)  # a channels_last view
-    elif Mp != C_out:
+    y = ops.dds_call(x, weight.values, *weight.topology(), Mp, Kp, True, backend, geometry,
+                     _padded_bias(bias, Mp))
+    if Mp != C_out:  # drop the padded channels; keep the result dense in its memory format
         y = y[:, :C_out].contiguous()
-    if bias is not None:  # out of place: y may be a view
-        y = y + bias.view(1, -1, 1, 1)
+    if channels_last:
+        y = y.reshape(N, P, Q, C_out).permute(0, 3, 1, 2)  # a channels_last view
     return y

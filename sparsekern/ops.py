@@ -36,8 +36,8 @@ from sparsekern import backends
 torch.library.define(
     "sparsekern::_dds_native",
     "(Tensor a, Tensor values, Tensor row_offsets, Tensor col_idx, Tensor t_offsets, "
-    "Tensor t_rows, Tensor t_perm, int n_rows, int n_cols, bool trans_w, int[]? conv=None) "
-    "-> Tensor",
+    "Tensor t_rows, Tensor t_perm, int n_rows, int n_cols, bool trans_w, int[]? conv=None, "
+    "Tensor? bias=None) -> Tensor",
 )
 torch.library.define(
     "sparsekern::_sdd_native",
@@ -83,7 +83,7 @@ def rows_to_nchw(rows: Tensor, N: int, h: int, w: int) -> Tensor:
 
 @torch.library.register_fake("sparsekern::_dds_native")
 def _dds_native_fake(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-                     trans_w, conv=None):
+                     trans_w, conv=None, bias=None):
     return a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
 
 
@@ -173,7 +173,7 @@ def _check_conv(conv, n_cols: int, bk: int) -> None:
 def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
               row_idx: Tensor, t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int,
               n_cols: int, trans_w: bool, backend: str = "auto",
-              conv: Optional[list[int]] = None) -> Tensor:
+              conv: Optional[list[int]] = None, bias: Optional[Tensor] = None) -> Tensor:
     topo = (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm)
     if values.dim() != 3:
         raise ValueError(f"values must be [nnz, bm, bk], got shape {tuple(values.shape)}")
@@ -189,17 +189,27 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
                                    values.device)
     else:
         _check_dense(a, "input", n_cols if trans_w else n_rows, values.dtype, values.device)
+    if bias is not None:
+        if not trans_w:
+            raise ValueError("a bias is added to x @ W^T only (trans_w=True)")
+        _check_dense(bias.unsqueeze(0), "bias", n_rows, values.dtype, values.device)
     impl = backends.select("dds", backend, a, values.dtype, trans_w, bool(conv), (bm, bk))
+    fused = {"bias": bias} if bias is not None and impl.fused_bias else {}
     if conv and a.dim() == 4 and not impl.nchw:
-        out = impl.dds(nchw_to_rows(a), values, topo, n_rows, n_cols, trans_w, conv)
-        return rows_to_nchw(out, N, *((P, Q) if trans_w else (H, W)))
-    return impl.dds(a, values, topo, n_rows, n_cols, trans_w, conv or None)
+        out = impl.dds(nchw_to_rows(a), values, topo, n_rows, n_cols, trans_w, conv, **fused)
+        out = rows_to_nchw(out, N, *((P, Q) if trans_w else (H, W)))
+    else:
+        out = impl.dds(a, values, topo, n_rows, n_cols, trans_w, conv or None, **fused)
+    if bias is not None and not fused:
+        out = out + (bias.view(1, -1, 1, 1) if out.dim() == 4 else bias)
+    return out
 
 
 @torch.library.custom_op("sparsekern::dds", mutates_args=())
 def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
         t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int, n_cols: int,
-        trans_w: bool, backend: str = "auto", conv: Optional[list[int]] = None) -> Tensor:
+        trans_w: bool, backend: str = "auto", conv: Optional[list[int]] = None,
+        bias: Optional[Tensor] = None) -> Tensor:
     """Dense x block-sparse. W is [n_rows, n_cols] with blocks values [nnz, bm, bk].
 
     trans_w=True:  a [B, n_cols] -> a @ W^T [B, n_rows]
@@ -207,14 +217,16 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx
     With conv (implicit GEMM), NHWC rows: trans_w=True: x [N*H*W, C] -> y [N*P*Q, n_rows];
     trans_w=False: dy [N*P*Q, n_rows] -> dx [N*H*W, C]. NCHW: x [N, C, H, W] -> y
     [N, n_rows, P, Q]; dy [N, n_rows, P, Q] -> dx [N, C, H, W].
+    bias [n_rows] (trans_w=True only) is added to every output row / pixel, fused into the
+    kernel's store where the backend can.
     """
     return _dds_impl(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows,
-                     n_cols, trans_w, backend, conv)
+                     n_cols, trans_w, backend, conv, bias)
 
 
 @dds.register_fake
 def _dds_fake(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-              trans_w, backend="auto", conv=None):
+              trans_w, backend="auto", conv=None, bias=None):
     return a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
 
 
@@ -271,7 +283,7 @@ def _sdd_fake(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm
 
 # ---- autograd, once, over the primitives ---------------------------------------------------------
 def _dds_setup_context(ctx, inputs, output):
-    a, values, *topo, n_rows, n_cols, trans_w, backend, conv = inputs
+    a, values, *topo, n_rows, n_cols, trans_w, backend, conv, bias = inputs
     ctx.save_for_backward(a, values, *topo)
     ctx.conv = conv
     # Pin the backend the forward ran under, so a backward outside a `backend(...)` scope matches.
@@ -283,14 +295,19 @@ def _dds_setup_context(ctx, inputs, output):
 def _dds_backward(ctx, grad):
     a, values, *topo = ctx.saved_tensors
     n_rows, n_cols, trans_w, backend = ctx.meta
-    grad_a = grad_values = None
+    grad_a = grad_values = grad_bias = None
     if ctx.needs_input_grad[0]:
         grad_a = dds_call(grad, values, *topo, n_rows, n_cols, not trans_w, backend, ctx.conv)
     if ctx.needs_input_grad[1]:
         bm, bk = values.shape[1], values.shape[2]
         left, right = (grad, a) if trans_w else (a, grad)
         grad_values = sdd_call(left, right, *topo, bm, bk, backend, ctx.conv)
-    return (grad_a, grad_values) + (None,) * 11
+    # bias: summed over rows, or over images and pixels (NCHW). (Callers that leave the bias
+    # out may get one input flag fewer.)
+    n_inputs = len(ctx.needs_input_grad)
+    if n_inputs > 13 and ctx.needs_input_grad[13]:
+        grad_bias = grad.sum((0, 2, 3)) if grad.dim() == 4 else grad.sum(0)
+    return ((grad_a, grad_values) + (None,) * 11 + (grad_bias,))[:n_inputs]
 
 
 def _sdd_setup_context(ctx, inputs, output):
@@ -346,10 +363,10 @@ def _use_registered_ops() -> bool:
 
 
 def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-             trans_w, backend="auto", conv=None) -> Tensor:
+             trans_w, backend="auto", conv=None, bias=None) -> Tensor:
     """ops.dds with the same arguments and result; the fast path in eager mode."""
     args = (a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-            trans_w, backend, conv)
+            trans_w, backend, conv, bias)
     return dds(*args) if _use_registered_ops() else _DdsFunction.apply(*args)
 
 

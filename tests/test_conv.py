@@ -432,6 +432,28 @@ def test_conv_ops_nchw_equal_rows(gen):
                      ops.sdd(dy_rows, x_rows, *topo, bm, bk, "cpu", conv))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("geom", GRAD_GEOMETRIES + [
+    (2, 16, 5, 6, (3, 3), (1, 1), (1, 1), (1, 1), 20, (16, 16)),  # tiles, padded C_out
+    (2, 4, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 6, (2, 2))], ids=GRAD_IDS + ["tiles16", "shift"])
+def test_conv_dds_bias(geom, layout, gen):
+    """The bias fused into the conv forward, on every CPU path and in both layouts: value
+    against the reference backend (which adds it in ops.py), and gradcheck."""
+    m, conv, x, _, values = _conv_op_inputs(geom, gen, layout=layout)
+    Mp, Kp = m.padded_shape
+    topo = m.topology()
+    bias = randn(Mp, generator=gen).requires_grad_()
+    y = ops.dds(x, values, *topo, Mp, Kp, True, "cpu", conv, bias)
+    assert_close(y, ops.dds(x, values, *topo, Mp, Kp, True, "reference", conv) +
+                 (bias.view(1, -1, 1, 1) if layout == "nchw" else bias))
+    if geom[-1][0] <= 8:  # gradcheck on the small cases (float64 16x16 blocks: the value only)
+        assert torch.autograd.gradcheck(
+            lambda a, v, b: ops.dds_call(a, v, *topo, Mp, Kp, True, "cpu", conv, b),
+            (x, values, bias))
+    torch.library.opcheck(torch.ops.sparsekern.dds.default,
+                          (x, values, *topo, Mp, Kp, True, "cpu", conv, bias))
+
+
 def test_conv_ops_reject_mixed_layouts(gen):
     m, conv, x, dy, _ = _conv_op_inputs(GRAD_GEOMETRIES[0], gen, layout="nchw")
     bm, bk = m.block_shape

@@ -291,6 +291,55 @@ def test_backward_matches_explicit_formulas(dtype, block_shape, gen):
                                             bm, bk), dtype)
 
 
+# ---- 2b. the fused bias of dds (trans_w=True) ------------------------------------------------------
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("block_shape,kind,grid", GRAD_CASES, ids=GRAD_IDS)
+def test_dds_bias_gradcheck(block_shape, kind, grid, backend, gen):
+    """y = x W^T + bias: the value against the oracle, and gradients in x, values and bias
+    ("cpu" adds the bias in the kernel, "reference" through ops.py: both give the same)."""
+    m, values, x, _ = _grad_inputs(block_shape, kind, grid, gen)
+    Mp, Kp, _, _ = _sizes(m)
+    topo = m.topology()
+    bias = randn(Mp, generator=gen).requires_grad_()
+    y = ops.dds(x, values, *topo, Mp, Kp, True, backend, None, bias)
+    assert_close(y, oracle_dds(x, values, m.row_offsets, m.col_idx, Mp, Kp, True) + bias)
+    for dds in (ops.dds, ops.dds_call):
+        assert torch.autograd.gradcheck(
+            lambda a, v, b: dds(a, v, *topo, Mp, Kp, True, backend, None, b), (x, values, bias))
+
+
+def test_opcheck_dds_with_bias(gen):
+    m = make_matrix((8, 8), "sparse", torch.float32, grid=(3, 4))
+    Mp, Kp, _, _ = _sizes(m)
+    ro, ci, ri, to, tr, tp = m.topology()
+    x = randn(5, Kp, dtype=torch.float32, generator=gen).requires_grad_()
+    values = m.values.clone().requires_grad_()
+    bias = randn(Mp, dtype=torch.float32, generator=gen).requires_grad_()
+    _opcheck(torch.ops.sparsekern.dds.default, (x, values, *m.topology(), Mp, Kp, True, "cpu",
+                                                None, bias))
+    _opcheck(dds_native.default, (x.detach(), m.values, ro, ci, to, tr, tp, Mp, Kp, True, None,
+                                  bias.detach()))
+
+
+def test_error_bad_bias(gen):
+    m = make_matrix((4, 4), "sparse", torch.float32, grid=(3, 4))
+    Mp, Kp, _, _ = _sizes(m)
+    ro, ci, ri, to, tr, tp = m.topology()
+    x = randn(5, Kp, dtype=torch.float32, generator=gen)
+    dy = randn(5, Mp, dtype=torch.float32, generator=gen)
+    b = torch.zeros(Mp)
+    for bad, match in ((torch.zeros(Mp + 1), "bias"), (torch.zeros(1, Mp), "bias"),
+                       (b.double(), "dtype")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            ops.dds(x, m.values, *m.topology(), Mp, Kp, True, "cpu", None, bad)
+        with pytest.raises((ValueError, TypeError), match=match):
+            dds_native(x, m.values, ro, ci, to, tr, tp, Mp, Kp, True, None, bad)
+    with pytest.raises(ValueError, match="trans_w=True"):
+        ops.dds(dy, m.values, *m.topology(), Mp, Kp, False, "cpu", None, torch.zeros(Kp))
+    with pytest.raises(ValueError, match="trans_w=True"):
+        dds_native(dy, m.values, ro, ci, to, tr, tp, Mp, Kp, False, None, torch.zeros(Kp))
+
+
 # ---- 3. opcheck ----------------------------------------------------------------------------------
 OPCHECK_CASES = [((4, 4), "sparse", torch.float64), ((16, 8), "dense", torch.float32),
                  ((8, 8), "sparse", torch.float32), ((3, 5), "nnz0", torch.float64)]

@@ -29,77 +29,100 @@ int64_t chunk_rows(const ConvGeometry& g) {
   return std::max<int64_t>(64, (int64_t(1) << 20) / std::max<int64_t>(width, 1));
 }
 
-// Calls fn(tile_row, input_row_or_-1, tap) for each tap of output pixel o.
+// The block columns of the implicit-GEMM matrix (width bk: input channels [cb*bk, cb*bk + bk)
+// at filter tap `tap`, index tap * C/bk + cb) that the tile loops touch. At 90% block sparsity
+// most block columns of a 3x3 layer hold no stored block: packing, computing and scattering
+// only the listed ones is what keeps a sparse layer from costing like a dense im2col.
+struct BlockColumns {
+  std::vector<int64_t> cols;
+  int64_t bk;
+  // Every filter tap as one column of width C (the generic path).
+  static BlockColumns all_taps(const ConvGeometry& g) {
+    BlockColumns b{std::vector<int64_t>(g.R * g.S), g.C};
+    for (int64_t t = 0; t < g.R * g.S; ++t) b.cols[t] = t;
+    return b;
+  }
+  // The columns some stored block sits in (per CSR entry: col_idx).
+  static BlockColumns of_blocks(const at::Tensor& col_idx, int64_t n_bcols, int64_t bk) {
+    std::vector<uint8_t> flag(n_bcols, 0);
+    const int32_t* c = col_idx.data_ptr<int32_t>();
+    for (int64_t e = 0; e < col_idx.numel(); ++e) flag[c[e]] = 1;
+    BlockColumns b{{}, bk};
+    for (int64_t j = 0; j < n_bcols; ++j)
+      if (flag[j]) b.cols.push_back(j);
+    return b;
+  }
+  // The columns with entries in CSR offsets over block columns (t_offsets).
+  static BlockColumns of_offsets(const at::Tensor& offsets, int64_t bk) {
+    const int32_t* o = offsets.data_ptr<int32_t>();
+    BlockColumns b{{}, bk};
+    for (int64_t j = 0; j + 1 < offsets.numel(); ++j)
+      if (o[j + 1] > o[j]) b.cols.push_back(j);
+    return b;
+  }
+};
+
+// Calls fn(in_row_or_-1, c0, c1) for each listed block column of output pixel o: the input
+// pixel it reads (-1 in the padding) and its channel range.
 template <typename F>
-inline void for_each_tap(const ConvGeometry& g, int64_t o, const F& fn) {
+inline void for_each_column(const ConvGeometry& g, const BlockColumns& bc, int64_t o,
+                            const F& fn) {
   const int64_t n = o / (g.P * g.Q), pq = o % (g.P * g.Q), p = pq / g.Q, q = pq % g.Q;
-  for (int64_t r = 0; r < g.R; ++r) {
-    const int64_t ih = p * g.sh - g.ph + r * g.dh;
-    for (int64_t s = 0; s < g.S; ++s) {
-      const int64_t iw = q * g.sw - g.pw + s * g.dw;
-      const bool inside = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-      fn(inside ? (n * g.H + ih) * g.W + iw : -1, r * g.S + s);
-    }
+  const int64_t n_cb = g.C / bc.bk;
+  for (const int64_t col : bc.cols) {
+    const int64_t tap = col / n_cb, c0 = (col % n_cb) * bc.bk;
+    const int64_t ih = p * g.sh - g.ph + (tap / g.S) * g.dh;
+    const int64_t iw = q * g.sw - g.pw + (tap % g.S) * g.dw;
+    const bool inside = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+    fn(inside ? (n * g.H + ih) * g.W + iw : -1, tap * g.C + c0, c0, c0 + bc.bk);
   }
 }
 
-// Packs the implicit im2col rows of output pixels [o0, o0 + rows) into dst [rows, R*S*C].
-// With `used` (one flag per block column of width bk), columns no stored block reads are left
-// unwritten: at 90% sparsity about 40% of the 32-wide block columns of a 3x3 layer are empty.
+// Packs the listed block columns of the implicit im2col rows of output pixels [o0, o0 + rows)
+// into dst [rows, R*S*C] (zeros for padding); the other columns are left unwritten.
 template <typename T>
-void pack_rows(const T* x, const ConvGeometry& g, int64_t o0, int64_t rows, T* dst,
-               const std::vector<uint8_t>* used = nullptr, int64_t bk = 1) {
-  const int64_t width = g.R * g.S * g.C, C = g.C, n_cb = C / bk;
+void pack_rows(const T* x, const ConvGeometry& g, const BlockColumns& bc, int64_t o0,
+               int64_t rows, T* dst) {
+  const int64_t width = g.R * g.S * g.C, C = g.C;
   for (int64_t t = 0; t < rows; ++t)
-    for_each_tap(g, o0 + t, [&](int64_t in_row, int64_t tap) {
-      T* d = dst + t * width + tap * C;  // plain loops: C can be 1 (LeNet), a call per tap is slow
-      const T* src = in_row < 0 ? nullptr : x + in_row * C;
-      for (int64_t cb = 0; cb < n_cb; ++cb) {
-        if (used && !(*used)[tap * n_cb + cb]) continue;
-        const int64_t c0 = cb * bk, c1 = c0 + bk;
-        if (src)
-          for (int64_t c = c0; c < c1; ++c) d[c] = src[c];
-        else
-          for (int64_t c = c0; c < c1; ++c) d[c] = T(0);
+    for_each_column(g, bc, o0 + t, [&](int64_t in_row, int64_t at, int64_t c0, int64_t c1) {
+      T* d = dst + t * width + at - c0;  // plain loops: C can be 1 (LeNet), a call is slow
+      if (in_row < 0) {
+        for (int64_t c = c0; c < c1; ++c) d[c] = T(0);
+      } else {
+        const T* src = x + in_row * C;
+        for (int64_t c = c0; c < c1; ++c) d[c] = src[c];
       }
     });
-}
-
-// Flags of the block columns (width bk) that hold at least one stored block.
-std::vector<uint8_t> used_block_columns(const at::Tensor& col_idx, int64_t n_bcols) {
-  std::vector<uint8_t> used(n_bcols, 0);
-  const int32_t* cols = col_idx.data_ptr<int32_t>();
-  for (int64_t e = 0; e < col_idx.numel(); ++e) used[cols[e]] = 1;
-  return used;
 }
 
 template <typename T>
 at::Tensor pack_tile(const at::Tensor& x, const ConvGeometry& g, int64_t o0, int64_t rows) {
   const int64_t width = g.R * g.S * g.C;
+  const BlockColumns taps = BlockColumns::all_taps(g);
   at::Tensor tile = at::empty({rows, width}, x.options());
   at::parallel_for(0, rows, 16, [&](int64_t t0, int64_t t1) {
-    pack_rows(x.data_ptr<T>(), g, o0 + t0, t1 - t0, tile.data_ptr<T>() + t0 * width, nullptr,
-              g.C);
+    pack_rows(x.data_ptr<T>(), g, taps, o0 + t0, t1 - t0, tile.data_ptr<T>() + t0 * width);
   });
   return tile;
 }
 
-// dx[in_row, :] += dcol[t, tap*C : (tap+1)*C] for channels [c0, c1) (callers that split the
-// channels between threads never write the same element, whatever the overlap of the taps).
+// dx[in_row, c] += dcol[t, tap*C + c] over the listed block columns, for channels c in
+// [c_lo, c_hi) (callers that split the channels between threads never write the same element,
+// whatever the overlap of the taps).
 template <typename T>
-void col2im_add(const T* dcol, int64_t rows, T* dx, const ConvGeometry& g, int64_t o0,
-                int64_t c0, int64_t c1) {
+void col2im_add(const T* dcol, int64_t rows, T* dx, const ConvGeometry& g, const BlockColumns& bc,
+                int64_t o0, int64_t c_lo, int64_t c_hi) {
   const int64_t width = g.R * g.S * g.C, C = g.C;
   for (int64_t t = 0; t < rows; ++t)
-    for_each_tap(g, o0 + t, [&](int64_t in_row, int64_t tap) {
+    for_each_column(g, bc, o0 + t, [&](int64_t in_row, int64_t at, int64_t c0, int64_t c1) {
       if (in_row < 0) return;
-      const T* s = dcol + t * width + tap * C;
+      const T* s = dcol + t * width + at - c0;
       T* d = dx + in_row * C;
-      for (int64_t c = c0; c < c1; ++c) d[c] += s[c];
+      for (int64_t c = std::max(c0, c_lo), end = std::min(c1, c_hi); c < end; ++c) d[c] += s[c];
     });
 }
 
-// dst[j * ldd + i] = src[i * lds + j] (the NCHW <-> NHWC conversions of cache-sized pieces).
 // load: from a tensor into a per-thread buffer; else from a buffer into a tensor.
 template <typename T>
 inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows,
@@ -144,18 +167,25 @@ ConvGeometry single_image(const ConvGeometry& g) {
   return one;
 }
 
-// y = x * W; W's blocks are transposed once ([nnz, bk, bm]) so the column kernel walks them by
-// block row.
+// rows x [rows, ld] += bias [cols] (a tile in cache: the bias costs no pass over memory).
+template <typename T>
+void add_bias_rows(T* y, int64_t ld, int64_t rows, int64_t cols, const T* bias) {
+  for (int64_t t = 0; t < rows; ++t)
+    for (int64_t c = 0; c < cols; ++c) y[t * ld + c] += bias[c];
+}
+
+// y = x * W (+ bias, or nullptr); W's blocks are transposed once ([nnz, bk, bm]) so the column
+// kernel walks them by block row.
 template <typename T>
 at::Tensor conv_forward_tiles(const at::Tensor& x, const at::Tensor& values,
                               const at::Tensor& row_offsets, const at::Tensor& col_idx,
-                              int64_t n_rows, const ConvGeometry& g, bool nchw) {
+                              int64_t n_rows, const ConvGeometry& g, bool nchw, const T* bias) {
   const KernelTable<T> kt = select_kernels<T>();
   const int64_t width = g.R * g.S * g.C, PQ = g.P * g.Q;
   const int64_t bm = values.size(1), bk = values.size(2);
   const int64_t tiles_per_image = (PQ + kTileRows - 1) / kTileRows;
   const at::Tensor vt = values.transpose(1, 2).contiguous();
-  const std::vector<uint8_t> used = used_block_columns(col_idx, width / bk);
+  const BlockColumns used = BlockColumns::of_blocks(col_idx, width / bk, bk);
   const ConvGeometry one = single_image(g);
   at::Tensor y = nchw ? at::empty({g.N, n_rows, g.P, g.Q}, x.options())
                       : at::empty({g.out_rows(), n_rows}, x.options());
@@ -166,12 +196,13 @@ at::Tensor conv_forward_tiles(const at::Tensor& x, const at::Tensor& values,
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
       const int64_t rows = std::min(kTileRows, PQ - pq0);
-      pack_rows(image(n), one, pq0, rows, tile.data(), &used, bk);
+      pack_rows(image(n), one, used, pq0, rows, tile.data());
       T* out = nchw ? y_tile.data() : yp + (n * PQ + pq0) * n_rows;
       ColumnArgs<T> args{vt.data_ptr<T>(), row_offsets.data_ptr<int32_t>(),
                          col_idx.data_ptr<int32_t>(), nullptr, bk, bm, tile.data(), width,
                          out, n_rows};
       for (int64_t j = 0; j < n_rows / bm; ++j) kt.dds_columns(args, j, 0, rows);
+      if (bias) add_bias_rows(out, n_rows, rows, n_rows, bias);
       if (nchw) transpose(out, n_rows, yp + n * n_rows * PQ + pq0, PQ, rows, n_rows, false);
     }
   });
@@ -188,6 +219,7 @@ at::Tensor conv_grad_input_tiles(const at::Tensor& dy, const at::Tensor& values,
   const int64_t width = g.R * g.S * g.C, PQ = g.P * g.Q, HW = g.H * g.W;
   const int64_t bm = values.size(1), bk = values.size(2);
   const ConvGeometry one = single_image(g);
+  const BlockColumns used = BlockColumns::of_offsets(t_offsets, bk);
   at::Tensor dx = nchw ? at::empty({g.N, g.C, g.H, g.W}, dy.options())
                        : at::empty({g.in_rows(), g.C}, dy.options());
   const T* dyp = dy.data_ptr<T>();
@@ -205,8 +237,8 @@ at::Tensor conv_grad_input_tiles(const at::Tensor& dy, const at::Tensor& values,
         ColumnArgs<T> args{values.data_ptr<T>(), t_offsets.data_ptr<int32_t>(),
                            t_rows.data_ptr<int32_t>(), t_perm.data_ptr<int32_t>(), bm, bk,
                            dyi + pq0 * n_rows, n_rows, dcol.data(), width};
-        for (int64_t j = 0; j < width / bk; ++j) kt.dds_columns(args, j, 0, rows);
-        col2im_add(dcol.data(), rows, dxi, one, pq0, 0, g.C);
+        for (const int64_t j : used.cols) kt.dds_columns(args, j, 0, rows);
+        col2im_add(dcol.data(), rows, dxi, one, used, pq0, 0, g.C);
       }
       if (nchw) transpose(dxi, g.C, dxp + n * g.C * HW, HW, HW, g.C, false);
     }
@@ -224,7 +256,7 @@ at::Tensor conv_grad_values_tiles(const at::Tensor& dy, const at::Tensor& x,
   const int64_t n_rows = dy.size(1), tiles_per_image = (PQ + kTileRows - 1) / kTileRows;
   const int64_t n_threads = at::get_num_threads();
   std::vector<at::Tensor> partial(n_threads);
-  const std::vector<uint8_t> used = used_block_columns(col_idx, width / bk);
+  const BlockColumns used = BlockColumns::of_blocks(col_idx, width / bk, bk);
   const ConvGeometry one = single_image(g);
   const T* dyp = dy.data_ptr<T>();
   at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
@@ -234,7 +266,7 @@ at::Tensor conv_grad_values_tiles(const at::Tensor& dy, const at::Tensor& x,
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
       const int64_t rows = std::min(kTileRows, PQ - pq0);
-      pack_rows(image(n), one, pq0, rows, tile.data(), &used, bk);
+      pack_rows(image(n), one, used, pq0, rows, tile.data());
       SddArgs<T> args{dy_image(n) + pq0 * n_rows, tile.data(), row_idx.data_ptr<int32_t>(),
                       col_idx.data_ptr<int32_t>(), bm, bk, acc.data_ptr<T>(), width, n_rows,
                       rows, true};
@@ -424,7 +456,7 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
                         const at::Tensor& row_offsets, const at::Tensor& col_idx,
                         const at::Tensor& t_offsets, const at::Tensor& t_rows,
                         const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols, bool trans_w,
-                        const ConvGeometry& g) {
+                        const ConvGeometry& g, const at::Tensor& bias) {
   const bool nchw = a.dim() == 4;
   const at::Tensor ac = a.contiguous();
   const at::Tensor v = values.contiguous();
@@ -432,8 +464,11 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_dds_conv_cpu", [&] {
     const int64_t vec_len = select_kernels<scalar_t>().vec_len;
     if (trans_w && v.size(1) % vec_len == 0) {
-      out = conv_forward_tiles<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g, nchw);
-    } else if (!trans_w && v.size(2) % vec_len == 0) {
+      out = conv_forward_tiles<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g, nchw,
+                                         bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
+      return;
+    }
+    if (!trans_w && v.size(2) % vec_len == 0) {
       out = conv_grad_input_tiles<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
     } else if (trans_w && use_shifted_path(g)) {
       out = conv_forward_shifted<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g, nchw);
@@ -441,8 +476,9 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
       out = conv_grad_input_shifted<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
     } else if (nchw) {  // generic path: on NHWC rows
       out = dds_conv_cpu(nchw_to_rows(ac), v, row_offsets, col_idx, t_offsets, t_rows, t_perm,
-                         n_rows, n_cols, trans_w, g);
+                         n_rows, n_cols, trans_w, g, bias);
       out = trans_w ? rows_to_nchw(out, g.N, g.P, g.Q) : rows_to_nchw(out, g.N, g.H, g.W);
+      return;  // (the bias, if any, was added on the rows)
     } else if (trans_w) {
       const int64_t chunk = chunk_rows(g), out_rows = g.out_rows();
       out = at::empty({out_rows, n_rows}, a.options());
@@ -454,16 +490,20 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
       }
     } else {
       const int64_t chunk = chunk_rows(g), out_rows = g.out_rows();
+      const BlockColumns taps = BlockColumns::all_taps(g);
       out = at::zeros({g.in_rows(), g.C}, a.options());
       for (int64_t o0 = 0; o0 < out_rows; o0 += chunk) {
         const int64_t rows = std::min(chunk, out_rows - o0);
         const at::Tensor dcol = dds_linear_cpu(ac.narrow(0, o0, rows), v, row_offsets, col_idx,
                                                t_offsets, t_rows, t_perm, n_rows, n_cols, false);
         at::parallel_for(0, g.C, 16, [&](int64_t c0, int64_t c1) {
-          col2im_add(dcol.data_ptr<scalar_t>(), rows, out.data_ptr<scalar_t>(), g, o0, c0, c1);
+          col2im_add(dcol.data_ptr<scalar_t>(), rows, out.data_ptr<scalar_t>(), g, taps, o0, c0,
+                     c1);
         });
       }
     }
+    if (bias.defined())  // the shifted and chunked forward paths: in place, no second tensor
+      out.add_(nchw ? bias.view({1, -1, 1, 1}) : bias);
   });
   return out;
 }

@@ -209,17 +209,21 @@ namespace {
 at::Tensor dds_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tensor& row_offsets,
                    const at::Tensor& col_idx, const at::Tensor& t_offsets,
                    const at::Tensor& t_rows, const at::Tensor& t_perm, int64_t n_rows,
-                   int64_t n_cols, bool trans_w, at::OptionalIntArrayRef conv) {
+                   int64_t n_cols, bool trans_w, at::OptionalIntArrayRef conv,
+                   const c10::optional<at::Tensor>& bias) {
+  check_bias(bias, values, n_rows, trans_w);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (conv.has_value() && !conv->empty()) {
     const ConvGeometry g = check_dds_conv_args(a, values, row_offsets, col_idx, t_offsets, t_rows,
                                                t_perm, n_rows, n_cols, trans_w, *conv, at::kCPU);
     return dds_conv_cpu(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows,
-                        n_cols, trans_w, g);
+                        n_cols, trans_w, g, b);
   }
   check_dds_args(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
                  trans_w, at::kCPU);
-  return dds_linear_cpu(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows,
-                        n_cols, trans_w);
+  at::Tensor out = dds_linear_cpu(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm,
+                                  n_rows, n_cols, trans_w);
+  return b.defined() ? out.add_(b) : out;  // in place: no second output tensor
 }
 
 at::Tensor sdd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,

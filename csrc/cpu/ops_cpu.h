@@ -42,7 +42,7 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
                         const at::Tensor& row_offsets, const at::Tensor& col_idx,
                         const at::Tensor& t_offsets, const at::Tensor& t_rows,
                         const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols, bool trans_w,
-                        const ConvGeometry& g);
+                        const ConvGeometry& g, const at::Tensor& bias = at::Tensor());
 at::Tensor sdd_conv_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,
                         const at::Tensor& col_idx, int64_t bm, int64_t bk, const ConvGeometry& g);
 
