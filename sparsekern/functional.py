@@ -109,17 +109,15 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
                          f"input channels of one filter tap; choose a block width dividing {C}")
     geometry = ops.conv_geometry((N, C, H, W), (R, S), stride, pad, dilation)
     P, Q = geometry[-2:]
-    channels_last = input.is_contiguous(memory_format=torch.channels_last) and \
-        not input.is_contiguous()
-    # channels_last input goes in as NHWC rows (a view), anything else as contiguous NCHW: the
-    # ops take both layouts and return (and differentiate) in the one they get.
-    x = input.permute(0, 2, 3, 1).reshape(-1, C) if channels_last else input.contiguous()
+    # channels_last input stays channels_last, anything else goes in as contiguous NCHW: the
+    # ops take both and return (and differentiate) in the format they get.
+    channels_last = ops.is_channels_last(input)
+    x = input if channels_last else input.contiguous()
     Mp, Kp = weight.padded_shape
     backend = backends.resolve_name(backend)
     y = ops.dds_call(x, weight.values, *weight.topology(), Mp, Kp, True, backend, geometry,
                      _padded_bias(bias, Mp))
     if Mp != C_out:  # drop the padded channels; keep the result dense in its memory format
-        y = y[:, :C_out].contiguous()
-    if channels_last:
-        y = y.reshape(N, P, Q, C_out).permute(0, 3, 1, 2)  # a channels_last view
+        y = y[:, :C_out].contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return y

@@ -17,10 +17,11 @@ All shapes here are the padded shapes; functional.py handles the logical ones.
 Conv2d is the same three products on the implicit-GEMM view: pass ``conv`` = the geometry
 [N, H, W, C, R, S, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, P, Q] (see conv_geometry);
 W is [Mp, R*S*C] with the reduction ordered (r, s, c). Activations are then either NHWC rows,
-x [N*H*W, C] and y [N*P*Q, Mp], or NCHW tensors, x [N, C, H, W] and y [N, Mp, P, Q]: the
-input's layout picks, and every tensor of the call and of its backward is in that layout.
-Backends without an NCHW path get NHWC rows (converted here). The autograd below is the same
-for all.
+x [N*H*W, C] and y [N*P*Q, Mp], or 4-D tensors, x [N, C, H, W] and y [N, Mp, P, Q], contiguous
+(NCHW) or channels_last: the input's layout picks the output's. channels_last tensors run as
+the NHWC rows they already are (no copy) and come back as channels_last tensors that are not
+views, so in-place ops on them (ReLU(inplace=True)) cost no view bookkeeping. Backends without
+an NCHW path get NHWC rows (converted here). The autograd below is the same for all.
 """
 from __future__ import annotations
 
@@ -68,6 +69,31 @@ def dds_out_shape(a, n_rows, n_cols, trans_w, conv):
             return (N, n_rows, P, Q) if trans_w else (N, C, H, W)
         return (N * P * Q, n_rows) if trans_w else (N * H * W, C)
     return (a.shape[0], n_rows if trans_w else n_cols)
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor laid out NHWC (and not also plain contiguous, as 1-channel ones are)."""
+    return t.dim() == 4 and not t.is_contiguous() and \
+        t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _rows_view(t: Tensor) -> Tensor:
+    """A channels_last [N, C, h, w] tensor as the NHWC rows [N*h*w, C] it holds (a view)."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+def _rows_as_channels_last(rows: Tensor, N: int, h: int, w: int) -> Tensor:
+    """NHWC rows [N*h*w, C] -> a channels_last [N, C, h, w] tensor on the same memory that is
+    not a view of it (a custom autograd Function may not return views of its temporaries that
+    callers modify in place)."""
+    rows = rows.contiguous()
+    C = rows.shape[1]
+    if type(rows) is not torch.Tensor or torch._C._functorch.is_functionaltensor(rows):
+        # traced (fake / functional tensors: no storage to share): a copy, which compilers fuse
+        return rows.reshape(N, h, w, C).permute(0, 3, 1, 2).clone(
+            memory_format=torch.channels_last)
+    return rows.new_empty(0).set_(rows.untyped_storage(), rows.storage_offset(), (N, C, h, w),
+                                  (h * w * C, 1, w * C, C))
 
 
 def nchw_to_rows(t: Tensor) -> Tensor:
@@ -193,6 +219,10 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
         if not trans_w:
             raise ValueError("a bias is added to x @ W^T only (trans_w=True)")
         _check_dense(bias.unsqueeze(0), "bias", n_rows, values.dtype, values.device)
+    if conv and is_channels_last(a):  # run on the rows it holds, no copy
+        out = _dds_impl(_rows_view(a), values, *topo, n_rows, n_cols, trans_w, backend, conv,
+                        bias)
+        return _rows_as_channels_last(out, N, *((P, Q) if trans_w else (H, W)))
     impl = backends.select("dds", backend, a, values.dtype, trans_w, bool(conv), (bm, bk))
     fused = {"bias": bias} if bias is not None and impl.fused_bias else {}
     if conv and a.dim() == 4 and not impl.nchw:
@@ -227,7 +257,10 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx
 @dds.register_fake
 def _dds_fake(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
               trans_w, backend="auto", conv=None, bias=None):
-    return a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
+    out = a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
+    if conv and is_channels_last(a):
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def _sdd_impl(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
@@ -241,6 +274,9 @@ def _sdd_impl(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_id
         if a.dim() not in (2, 4) or b.dim() != a.dim():
             raise ValueError(f"conv sdd operands must be both NHWC rows (2-D) or both NCHW "
                              f"(4-D), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+        if a.dim() == 4 and is_channels_last(a) != is_channels_last(b):  # one layout for both
+            b = b.contiguous(memory_format=torch.channels_last if is_channels_last(a)
+                             else torch.contiguous_format)
         _check_topology(topo, col_idx.shape[0], a.shape[1], R * S * C, bm, bk, a.device)
         _check_conv(conv, R * S * C, bk)
         _check_conv_activation(a, "conv sdd left operand (grad output)", N, a.shape[1], P, Q,
@@ -255,6 +291,8 @@ def _sdd_impl(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_id
         _check_topology(topo, col_idx.shape[0], a.shape[1], b.shape[1], bm, bk, a.device)
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"sdd operands have batch {a.shape[0]} and {b.shape[0]}")
+    if conv and is_channels_last(a):
+        return _sdd_impl(_rows_view(a), _rows_view(b), *topo, bm, bk, backend, conv)
     impl = backends.select("sdd", backend, a, a.dtype, True, bool(conv), (bm, bk))
     if conv and a.dim() == 4 and not impl.nchw:
         return impl.sdd(nchw_to_rows(a), nchw_to_rows(b), topo, bm, bk, conv)

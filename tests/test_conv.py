@@ -353,19 +353,21 @@ GRAD_GEOMETRIES = [
     (2, 8, 5, 4, (3, 3), (2, 1), (1, 1), (1, 1), 8, (8, 8)),
 ]
 GRAD_IDS = ["s2", "d2", "mixed", "tiles"]
-LAYOUTS = ("rows", "nchw")  # the two activation layouts of the conv ops
+LAYOUTS = ("rows", "nchw", "cl")  # the activation layouts of the conv ops
 
 
 def _conv_op_inputs(geom, gen, kind="sparse", layout="rows"):
-    """Operands of the conv ops: x and dy as NHWC rows [N*H*W, C] / [N*P*Q, Mp] or NCHW."""
+    """Operands of the conv ops: x and dy as NHWC rows [N*H*W, C] / [N*P*Q, Mp], or 4-D NCHW
+    ("nchw") or channels_last ("cl")."""
     N, C, H, W, kernel, stride, padding, dilation, c_out, block = geom
     conv = ops.conv_geometry((N, C, H, W), kernel, stride, padding, dilation)
     m = make_conv_weight(c_out, C, kernel, block, kind, torch.float64, gen)
     P, Q = conv[-2:]
     Mp, Kp = m.padded_shape
-    if layout == "nchw":
-        x = randn(N, C, H, W, generator=gen).requires_grad_()
-        dy = randn(N, Mp, P, Q, generator=gen).requires_grad_()
+    if layout in ("nchw", "cl"):
+        fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+        x = randn(N, C, H, W, generator=gen).contiguous(memory_format=fmt).requires_grad_()
+        dy = randn(N, Mp, P, Q, generator=gen).contiguous(memory_format=fmt).requires_grad_()
     else:
         x = randn(N * H * W, C, generator=gen).requires_grad_()
         dy = randn(N * P * Q, Mp, generator=gen).requires_grad_()
@@ -390,8 +392,10 @@ def test_conv_dds_gradcheck(geom, trans_w, layout, gen):
     a = x if trans_w else dy
     out = ops.dds(a, values, *topo, Mp, Kp, trans_w, "cpu", conv)
     N, H, W, C, *_, P, Q = conv
-    if layout == "nchw":
-        assert out.shape == ((N, Mp, P, Q) if trans_w else (N, C, H, W)) and out.is_contiguous()
+    if layout in ("nchw", "cl"):
+        fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+        assert out.shape == ((N, Mp, P, Q) if trans_w else (N, C, H, W))
+        assert out.is_contiguous(memory_format=fmt) and out._base is None
     else:
         assert out.shape == ((N * P * Q, Mp) if trans_w else (N * H * W, C))
     assert_close(out, ops.dds(a, values, *topo, Mp, Kp, trans_w, "reference", conv))
@@ -445,13 +449,56 @@ def test_conv_dds_bias(geom, layout, gen):
     bias = randn(Mp, generator=gen).requires_grad_()
     y = ops.dds(x, values, *topo, Mp, Kp, True, "cpu", conv, bias)
     assert_close(y, ops.dds(x, values, *topo, Mp, Kp, True, "reference", conv) +
-                 (bias.view(1, -1, 1, 1) if layout == "nchw" else bias))
+                 (bias.view(1, -1, 1, 1) if layout != "rows" else bias))
     if geom[-1][0] <= 8:  # gradcheck on the small cases (float64 16x16 blocks: the value only)
         assert torch.autograd.gradcheck(
             lambda a, v, b: ops.dds_call(a, v, *topo, Mp, Kp, True, "cpu", conv, b),
             (x, values, bias))
     torch.library.opcheck(torch.ops.sparsekern.dds.default,
                           (x, values, *topo, Mp, Kp, True, "cpu", conv, bias))
+
+
+def test_conv_ops_channels_last_equal_nchw(gen):
+    """channels_last operands give the NCHW results, in channels_last (not views); sdd with one
+    operand in each format converts the right one."""
+    m, conv, x, dy, _ = _conv_op_inputs((2, 16, 9, 10, (3, 3), (1, 1), (1, 1), (1, 1), 20,
+                                         (16, 16)), gen, layout="nchw")
+    Mp, Kp = m.padded_shape
+    bm, bk = m.block_shape
+    topo = m.topology()
+    x, dy = x.detach(), dy.detach()
+    xc, dyc = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
+    for backend in ("cpu", "reference"):
+        y = ops.dds(xc, m.values, *topo, Mp, Kp, True, backend, conv)
+        assert y.is_contiguous(memory_format=torch.channels_last) and y._base is None
+        assert_close(y, ops.dds(x, m.values, *topo, Mp, Kp, True, backend, conv))
+        dx = ops.dds(dyc, m.values, *topo, Mp, Kp, False, backend, conv)
+        assert dx.is_contiguous(memory_format=torch.channels_last) and dx._base is None
+        assert_close(dx, ops.dds(dy, m.values, *topo, Mp, Kp, False, backend, conv))
+        expected = ops.sdd(dy, x, *topo, bm, bk, backend, conv)
+        for a, b in ((dyc, xc), (dyc, x), (dy, xc)):
+            assert_close(ops.sdd(a, b, *topo, bm, bk, backend, conv), expected)
+
+
+def test_channels_last_output_takes_inplace_relu(gen):
+    """A channels_last conv output is not a view: ReLU(inplace=True) after it needs no view
+    bookkeeping (CopySlices) and the gradients stay right."""
+    m = make_conv_weight(16, 16, 3, (16, 16), "sparse", torch.float64, gen)
+    w4 = dense_conv_weight(m, 16, 3).requires_grad_()
+    b = randn(16, generator=gen)
+    x = randn(2, 16, 6, 7, generator=gen).contiguous(memory_format=torch.channels_last)
+    values = m.values.clone().requires_grad_()
+    x1 = x.clone().requires_grad_()
+    y = bsr_conv2d(x1, m.with_values(values), b, padding=1)
+    assert y._base is None and y.is_contiguous(memory_format=torch.channels_last)
+    torch.relu_(y)
+    assert "CopySlices" not in type(y.grad_fn).__name__
+    g = randn(*y.shape, generator=gen)
+    y.backward(g)
+    x2 = x.clone().requires_grad_()
+    F.relu(F.conv2d(x2, w4, b, padding=1)).backward(g)
+    assert_close(x1.grad, x2.grad)
+    assert_close(values.grad, gathered_weight_grad(w4.grad, m))
 
 
 def test_conv_ops_reject_mixed_layouts(gen):
