@@ -17,7 +17,7 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, median_ms, write_json  # noqa: E402
+from common import interleaved_medians_ms, machine_info, write_json  # noqa: E402
 
 import sparsekern  # noqa: E402
 from sparsekern.attacks import PGD  # noqa: E402
@@ -88,8 +88,9 @@ def main(argv=None):
         return lambda: adversarial_step(model, x, y, opt, attack)
 
     info = machine_info()
-    t_dense = median_ms(at_step(dense), args.repeats, warmup=1)
-    t_sparse = median_ms(at_step(sparse), args.repeats, warmup=1)
+    t = interleaved_medians_ms({"dense": at_step(dense), "sparse": at_step(sparse)},
+                               args.repeats)
+    t_dense, t_sparse = t["dense"], t["sparse"]
     row = {"model": "VGG-like CIFAR", "batch": args.batch, "format": args.format,
            "sparsity": args.sparsity,
            "block": f"{args.block}x{args.block}", "dense_ms": t_dense, "sparse_ms": t_sparse,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, median_ms, print_table, write_json  # noqa: E402
+from common import interleaved_medians_ms, machine_info, print_table, write_json  # noqa: E402
 
 from sparsekern import bsr_conv2d  # noqa: E402
 from sparsekern.bsr import BlockSparseMatrix  # noqa: E402
@@ -82,9 +82,9 @@ def run_case(name, N, C, O, H, k, pad, block, sparsity, fmt, repeats):
     for label, got, want in (("grad input", dx, xg.grad), ("grad values", dv, dv_ref)):
         if got.numel() and (got - want).abs().max().item() > 1e-4 * want.abs().max() + 1e-4:
             raise SystemExit(f"bsr_conv2d {label} is wrong for {name} {block} {sparsity}")
-    t = {"dense_fwd": median_ms(dense_fwd, repeats), "sparse_fwd": median_ms(sparse_fwd, repeats),
-         "dense_fwd_bwd": median_ms(dense_fwd_bwd, repeats),
-         "sparse_fwd_bwd": median_ms(sparse_fwd_bwd, repeats)}
+    t = interleaved_medians_ms({"dense_fwd": dense_fwd, "sparse_fwd": sparse_fwd}, repeats)
+    t.update(interleaved_medians_ms({"dense_fwd_bwd": dense_fwd_bwd,
+                                     "sparse_fwd_bwd": sparse_fwd_bwd}, repeats))
     return {"layer": name, "batch": N, "format": fmt, "block": f"{block[0]}x{block[1]}",
             "sparsity": sparsity, **t, "fwd_vs_dense": t["dense_fwd"] / t["sparse_fwd"],
             "fwd_bwd_vs_dense": t["dense_fwd_bwd"] / t["sparse_fwd_bwd"]}

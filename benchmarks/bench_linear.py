@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, median_ms, print_table, write_json  # noqa: E402
+from common import interleaved_medians_ms, machine_info, print_table, write_json  # noqa: E402
 
 import sparsekern  # noqa: E402
 from sparsekern.bsr import BlockSparseMatrix  # noqa: E402
@@ -83,14 +83,11 @@ def run(features: int, batch: int, repeats: int, configs) -> list[dict]:
             if err > 1e-4 * want.abs().max().item() + 1e-5:
                 raise SystemExit(f"sparsekern {name} is wrong for {block} at {sparsity}: {err}")
 
-        # ---- timing, side by side ----
-        t = {
-            "dense_fwd": median_ms(dense_fwd, repeats),
-            "sparse_fwd": median_ms(sparse_fwd, repeats),
-            "torch_sparse_fwd": median_ms(ts_fwd, repeats),
-            "dense_fwd_bwd": median_ms(dense_fwd_bwd, repeats),
-            "sparse_fwd_bwd": median_ms(sparse_fwd_bwd, repeats),
-        }
+        # ---- timing, side by side (round-robin: a drifting machine slows all alike) ----
+        t = interleaved_medians_ms({"dense_fwd": dense_fwd, "sparse_fwd": sparse_fwd,
+                                    "torch_sparse_fwd": ts_fwd}, repeats)
+        t.update(interleaved_medians_ms({"dense_fwd_bwd": dense_fwd_bwd,
+                                         "sparse_fwd_bwd": sparse_fwd_bwd}, repeats))
         row = {"block": f"{block[0]}x{block[1]}", "sparsity": sparsity, "nnz_blocks": w.nnz_blocks,
                **t,
                "fwd_vs_dense": t["dense_fwd"] / t["sparse_fwd"],
