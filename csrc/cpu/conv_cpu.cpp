@@ -86,12 +86,17 @@ void pack_rows(const T* x, const ConvGeometry& g, const BlockColumns& bc, int64_
   const int64_t width = g.R * g.S * g.C, C = g.C;
   for (int64_t t = 0; t < rows; ++t)
     for_each_column(g, bc, o0 + t, [&](int64_t in_row, int64_t at, int64_t c0, int64_t c1) {
-      T* d = dst + t * width + at - c0;  // plain loops: C can be 1 (LeNet), a call is slow
-      if (in_row < 0) {
-        for (int64_t c = c0; c < c1; ++c) d[c] = T(0);
-      } else {
-        const T* src = x + in_row * C;
+      T* d = dst + t * width + at - c0;
+      const T* src = in_row < 0 ? nullptr : x + in_row * C;
+      if (c1 - c0 >= 16) {  // libc's memcpy/memset use the CPU's widest vectors; this file
+        if (src)            // is compiled for the baseline ISA
+          std::memcpy(d + c0, src + c0, (c1 - c0) * sizeof(T));
+        else
+          std::memset(d + c0, 0, (c1 - c0) * sizeof(T));
+      } else if (src) {  // narrow columns (C can be 1, LeNet): a call per column is slow
         for (int64_t c = c0; c < c1; ++c) d[c] = src[c];
+      } else {
+        for (int64_t c = c0; c < c1; ++c) d[c] = T(0);
       }
     });
 }
@@ -113,13 +118,18 @@ at::Tensor pack_tile(const at::Tensor& x, const ConvGeometry& g, int64_t o0, int
 template <typename T>
 void col2im_add(const T* dcol, int64_t rows, T* dx, const ConvGeometry& g, const BlockColumns& bc,
                 int64_t o0, int64_t c_lo, int64_t c_hi) {
+  static const KernelTable<T> kt = select_kernels<T>();
   const int64_t width = g.R * g.S * g.C, C = g.C;
   for (int64_t t = 0; t < rows; ++t)
     for_each_column(g, bc, o0 + t, [&](int64_t in_row, int64_t at, int64_t c0, int64_t c1) {
       if (in_row < 0) return;
       const T* s = dcol + t * width + at - c0;
       T* d = dx + in_row * C;
-      for (int64_t c = std::max(c0, c_lo), end = std::min(c1, c_hi); c < end; ++c) d[c] += s[c];
+      const int64_t lo = std::max(c0, c_lo), hi = std::min(c1, c_hi);
+      if (hi - lo >= 16)
+        kt.add(d + lo, s + lo, hi - lo);
+      else
+        for (int64_t c = lo; c < hi; ++c) d[c] += s[c];
     });
 }
 
@@ -170,8 +180,8 @@ ConvGeometry single_image(const ConvGeometry& g) {
 // rows x [rows, ld] += bias [cols] (a tile in cache: the bias costs no pass over memory).
 template <typename T>
 void add_bias_rows(T* y, int64_t ld, int64_t rows, int64_t cols, const T* bias) {
-  for (int64_t t = 0; t < rows; ++t)
-    for (int64_t c = 0; c < cols; ++c) y[t * ld + c] += bias[c];
+  static const KernelTable<T> kt = select_kernels<T>();
+  for (int64_t t = 0; t < rows; ++t) kt.add(y + t * ld, bias, cols);
 }
 
 // y = x * W (+ bias, or nullptr); W's blocks are transposed once ([nnz, bk, bm]) so the column

@@ -84,6 +84,8 @@ struct KernelTable {
   // loop order streams the source (src_in_memory) or the destination.
   void (*transpose)(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t rows, int64_t cols,
                     bool src_in_memory);
+  // dst[i] += src[i] for i < n (col2im scatter-adds, bias rows).
+  void (*add)(T* dst, const T* src, int64_t n);
 };
 
 KernelTable<float> kernels_f32_avx512();

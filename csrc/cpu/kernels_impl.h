@@ -332,8 +332,17 @@ static void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t ro
     for (int64_t i = j < cols8 ? rows8 : 0; i < rows; ++i) dst[j * ldd + i] = src[i * lds + j];
 }
 
+// dst[i] += src[i], i < n.
+template <typename T>
+static void add(T* dst, const T* src, int64_t n) {
+  using V = Vec<T>;
+  int64_t i = 0;
+  for (; i + V::len <= n; i += V::len) V::store(dst + i, V::load(dst + i) + V::load(src + i));
+  for (; i < n; ++i) dst[i] += src[i];
+}
+
 template <typename T>
 static KernelTable<T> table(const char* isa) {
   return KernelTable<T>{isa, Vec<T>::len, 8 * Vec<T>::len, &spmm<T>, &sdd<T>,
-                        &sdd_batch_major<T>, &dds_columns<T>, &transpose<T>};
+                        &sdd_batch_major<T>, &dds_columns<T>, &transpose<T>, &add<T>};
 }
