@@ -34,47 +34,55 @@ int64_t chunk_rows(const ConvGeometry& g) {
 // most block columns of a 3x3 layer hold no stored block: packing, computing and scattering
 // only the listed ones is what keeps a sparse layer from costing like a dense im2col.
 struct BlockColumns {
-  std::vector<int64_t> cols;
+  struct Column {
+    int64_t j;       // block column index
+    int64_t dh, dw;  // the tap's input offsets (r * dil_h, s * dil_w)
+    int64_t at;      // first element in an im2col row: tap * C + c0
+    int64_t c0;      // first channel
+  };
+  std::vector<Column> cols;
   int64_t bk;
+
+  BlockColumns(const ConvGeometry& g, int64_t bk_, const std::vector<uint8_t>& flags) : bk(bk_) {
+    const int64_t n_cb = g.C / bk;
+    for (int64_t j = 0; j < (int64_t)flags.size(); ++j) {
+      if (!flags[j]) continue;
+      const int64_t tap = j / n_cb, c0 = (j % n_cb) * bk;
+      cols.push_back({j, (tap / g.S) * g.dh, (tap % g.S) * g.dw, tap * g.C + c0, c0});
+    }
+  }
   // Every filter tap as one column of width C (the generic path).
   static BlockColumns all_taps(const ConvGeometry& g) {
-    BlockColumns b{std::vector<int64_t>(g.R * g.S), g.C};
-    for (int64_t t = 0; t < g.R * g.S; ++t) b.cols[t] = t;
-    return b;
+    return BlockColumns(g, g.C, std::vector<uint8_t>(g.R * g.S, 1));
   }
   // The columns some stored block sits in (per CSR entry: col_idx).
-  static BlockColumns of_blocks(const at::Tensor& col_idx, int64_t n_bcols, int64_t bk) {
-    std::vector<uint8_t> flag(n_bcols, 0);
+  static BlockColumns of_blocks(const at::Tensor& col_idx, const ConvGeometry& g, int64_t bk) {
+    std::vector<uint8_t> flags(g.R * g.S * g.C / bk, 0);
     const int32_t* c = col_idx.data_ptr<int32_t>();
-    for (int64_t e = 0; e < col_idx.numel(); ++e) flag[c[e]] = 1;
-    BlockColumns b{{}, bk};
-    for (int64_t j = 0; j < n_bcols; ++j)
-      if (flag[j]) b.cols.push_back(j);
-    return b;
+    for (int64_t e = 0; e < col_idx.numel(); ++e) flags[c[e]] = 1;
+    return BlockColumns(g, bk, flags);
   }
   // The columns with entries in CSR offsets over block columns (t_offsets).
-  static BlockColumns of_offsets(const at::Tensor& offsets, int64_t bk) {
+  static BlockColumns of_offsets(const at::Tensor& offsets, const ConvGeometry& g, int64_t bk) {
     const int32_t* o = offsets.data_ptr<int32_t>();
-    BlockColumns b{{}, bk};
-    for (int64_t j = 0; j + 1 < offsets.numel(); ++j)
-      if (o[j + 1] > o[j]) b.cols.push_back(j);
-    return b;
+    std::vector<uint8_t> flags(offsets.numel() - 1);
+    for (int64_t j = 0; j + 1 < offsets.numel(); ++j) flags[j] = o[j + 1] > o[j];
+    return BlockColumns(g, bk, flags);
   }
 };
 
-// Calls fn(in_row_or_-1, c0, c1) for each listed block column of output pixel o: the input
-// pixel it reads (-1 in the padding) and its channel range.
+// Calls fn(in_row_or_-1, at, c0, c1) for each listed block column of output pixel o: the input
+// pixel it reads (-1 in the padding), where it sits in an im2col row and its channel range.
+// (No divisions per column: this runs for every packed element row.)
 template <typename F>
 inline void for_each_column(const ConvGeometry& g, const BlockColumns& bc, int64_t o,
                             const F& fn) {
   const int64_t n = o / (g.P * g.Q), pq = o % (g.P * g.Q), p = pq / g.Q, q = pq % g.Q;
-  const int64_t n_cb = g.C / bc.bk;
-  for (const int64_t col : bc.cols) {
-    const int64_t tap = col / n_cb, c0 = (col % n_cb) * bc.bk;
-    const int64_t ih = p * g.sh - g.ph + (tap / g.S) * g.dh;
-    const int64_t iw = q * g.sw - g.pw + (tap % g.S) * g.dw;
+  const int64_t h0 = p * g.sh - g.ph, w0 = q * g.sw - g.pw, image_row0 = n * g.H;
+  for (const BlockColumns::Column& c : bc.cols) {
+    const int64_t ih = h0 + c.dh, iw = w0 + c.dw;
     const bool inside = ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
-    fn(inside ? (n * g.H + ih) * g.W + iw : -1, tap * g.C + c0, c0, c0 + bc.bk);
+    fn(inside ? (image_row0 + ih) * g.W + iw : -1, c.at, c.c0, c.c0 + bc.bk);
   }
 }
 
@@ -195,7 +203,7 @@ at::Tensor conv_forward_tiles(const at::Tensor& x, const at::Tensor& values,
   const int64_t bm = values.size(1), bk = values.size(2);
   const int64_t tiles_per_image = (PQ + kTileRows - 1) / kTileRows;
   const at::Tensor vt = values.transpose(1, 2).contiguous();
-  const BlockColumns used = BlockColumns::of_blocks(col_idx, width / bk, bk);
+  const BlockColumns used = BlockColumns::of_blocks(col_idx, g, bk);
   const ConvGeometry one = single_image(g);
   at::Tensor y = nchw ? at::empty({g.N, n_rows, g.P, g.Q}, x.options())
                       : at::empty({g.out_rows(), n_rows}, x.options());
@@ -229,7 +237,7 @@ at::Tensor conv_grad_input_tiles(const at::Tensor& dy, const at::Tensor& values,
   const int64_t width = g.R * g.S * g.C, PQ = g.P * g.Q, HW = g.H * g.W;
   const int64_t bm = values.size(1), bk = values.size(2);
   const ConvGeometry one = single_image(g);
-  const BlockColumns used = BlockColumns::of_offsets(t_offsets, bk);
+  const BlockColumns used = BlockColumns::of_offsets(t_offsets, g, bk);
   at::Tensor dx = nchw ? at::empty({g.N, g.C, g.H, g.W}, dy.options())
                        : at::empty({g.in_rows(), g.C}, dy.options());
   const T* dyp = dy.data_ptr<T>();
@@ -247,7 +255,7 @@ at::Tensor conv_grad_input_tiles(const at::Tensor& dy, const at::Tensor& values,
         ColumnArgs<T> args{values.data_ptr<T>(), t_offsets.data_ptr<int32_t>(),
                            t_rows.data_ptr<int32_t>(), t_perm.data_ptr<int32_t>(), bm, bk,
                            dyi + pq0 * n_rows, n_rows, dcol.data(), width};
-        for (const int64_t j : used.cols) kt.dds_columns(args, j, 0, rows);
+        for (const BlockColumns::Column& c : used.cols) kt.dds_columns(args, c.j, 0, rows);
         col2im_add(dcol.data(), rows, dxi, one, used, pq0, 0, g.C);
       }
       if (nchw) transpose(dxi, g.C, dxp + n * g.C * HW, HW, HW, g.C, false);
@@ -266,7 +274,7 @@ at::Tensor conv_grad_values_tiles(const at::Tensor& dy, const at::Tensor& x,
   const int64_t n_rows = dy.size(1), tiles_per_image = (PQ + kTileRows - 1) / kTileRows;
   const int64_t n_threads = at::get_num_threads();
   std::vector<at::Tensor> partial(n_threads);
-  const BlockColumns used = BlockColumns::of_blocks(col_idx, width / bk, bk);
+  const BlockColumns used = BlockColumns::of_blocks(col_idx, g, bk);
   const ConvGeometry one = single_image(g);
   const T* dyp = dy.data_ptr<T>();
   at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
