@@ -117,7 +117,8 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     backend = backends.resolve_name(backend)
     y = ops.dds_call(x, weight.values, *weight.topology(), Mp, Kp, True, backend, geometry,
                      _padded_bias(bias, Mp))
-    if Mp != C_out:  # drop the padded channels; keep the result dense in its memory format
-        y = y[:, :C_out].contiguous(
+    if Mp != C_out:  # drop the padded channels: a fresh dense tensor in the input's format (a
+        # clone, not contiguous(), which would keep a view when the slice happens to be dense)
+        y = y[:, :C_out].clone(
             memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return y

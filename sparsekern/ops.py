@@ -103,8 +103,10 @@ def nchw_to_rows(t: Tensor) -> Tensor:
 
 
 def rows_to_nchw(rows: Tensor, N: int, h: int, w: int) -> Tensor:
-    """NHWC rows [N*h*w, C] -> contiguous NCHW [N, C, h, w]."""
-    return rows.reshape(N, h, w, rows.shape[1]).permute(0, 3, 1, 2).contiguous()
+    """NHWC rows [N*h*w, C] -> contiguous NCHW [N, C, h, w], a new tensor (clone, not
+    contiguous(): an already dense permutation would stay a view of rows)."""
+    return rows.reshape(N, h, w, rows.shape[1]).permute(0, 3, 1, 2).clone(
+        memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("sparsekern::_dds_native")

@@ -89,3 +89,56 @@ def test_fuzz_bsr_linear_vs_dense(M, K, lead, bm, bk, density, dtype, bias, seed
         rows, cols = keep[p].any(1).sum(), keep[p].any(0).sum()
         expected[p, :rows, :cols] = wd.grad[r * bm:r * bm + rows, c * bk:c * bk + cols]
     assert_close(values.grad, expected, dtype)
+
+
+FUZZ_CONV = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ_CONV
+@given(N=st.integers(0, 3), c_in_blocks=st.integers(1, 3), c_out=st.integers(1, 40),
+       H=st.integers(1, 11), W=st.integers(1, 11), k=st.sampled_from([1, 2, 3, 5]),
+       stride=st.integers(1, 3), pad=st.integers(0, 2), dil=st.integers(1, 2),
+       block=st.sampled_from([(1, 1), (2, 4), (4, 4), (8, 8), (16, 16), (8, 16)]),
+       density=st.floats(0.0, 1.0), dtype=dtypes, channels_last=st.booleans(),
+       bias=st.booleans(), seed=st.integers(0, 2**31))
+def test_fuzz_bsr_conv2d_vs_conv2d(N, c_in_blocks, c_out, H, W, k, stride, pad, dil, block,
+                                   density, dtype, channels_last, bias, seed):
+    """bsr_conv2d forward and gradients (input, values, bias) against float64 F.conv2d, in both
+    memory formats, on whatever CPU path the shape picks (tiles, shifted, chunked)."""
+    from sparsekern import bsr_conv2d
+
+    bm, bk = block
+    C = c_in_blocks * bk
+    if (H + 2 * pad - dil * (k - 1) - 1) < 0 or (W + 2 * pad - dil * (k - 1) - 1) < 0:
+        return  # empty output: the op rejects it (tested elsewhere)
+    gen = torch.Generator().manual_seed(seed)
+    K = k * k * C
+    n_br, n_bc = -(-c_out // bm), -(-K // bk)
+    mask = torch.rand(n_br, n_bc, generator=gen) < density
+    values = torch.randn(int(mask.sum()), bm, bk, generator=gen, dtype=dtype)
+    w = BlockSparseMatrix.from_block_mask(mask, block, (c_out, K), values=values)
+    w = w.with_values((w.values * padding_keep_mask(w).to(dtype)).requires_grad_())
+    w4 = w.to_dense().double().reshape(c_out, k, k, C).permute(0, 3, 1, 2).detach()
+    w4.requires_grad_()
+    x = torch.randn(N, C, H, W, generator=gen, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    b = torch.randn(c_out, generator=gen, dtype=dtype).requires_grad_() if bias else None
+    y = bsr_conv2d(x, w, b, stride, pad, dil, kernel_size=k)
+    x64 = x.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if bias else None
+    y64 = F.conv2d(x64, w4, b64, stride, pad, dil)
+    assert y.shape == y64.shape and y._base is None
+    g = torch.randn(y64.shape, generator=gen, dtype=torch.float64)
+    y.backward(g.to(dtype))
+    y64.backward(g)
+    assert_close(y, y64, dtype)
+    assert_close(x.grad, x64.grad, dtype)
+    dense_grad = w4.grad.permute(0, 2, 3, 1).reshape(c_out, K)
+    expected = torch.zeros(n_br * bm, n_bc * bk, dtype=torch.float64)
+    expected[:c_out, :K] = dense_grad
+    assert_close(w.values.grad, reference.dense_to_blocks(expected, w.row_idx, w.col_idx, bm, bk)
+                 * padding_keep_mask(w), dtype)
+    if bias:
+        assert_close(b.grad, b64.grad, dtype)

@@ -465,7 +465,10 @@ at::Tensor nchw_to_rows(const at::Tensor& a) {
   return a.contiguous(at::MemoryFormat::ChannelsLast).permute({0, 2, 3, 1}).reshape({-1, a.size(1)});
 }
 at::Tensor rows_to_nchw(const at::Tensor& rows, int64_t N, int64_t h, int64_t w) {
-  return rows.reshape({N, h, w, rows.size(1)}).permute({0, 3, 1, 2}).contiguous();
+  // clone, not contiguous(): a permutation that is already dense (1 channel, 1x1 maps, empty)
+  // would come back as a view of the temporary, which callers may not modify in place
+  return rows.reshape({N, h, w, rows.size(1)}).permute({0, 3, 1, 2}).clone(
+      at::MemoryFormat::Contiguous);
 }
 
 }  // namespace
