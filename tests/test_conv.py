@@ -913,14 +913,15 @@ def test_unbatched_and_channels_last_through_the_module(gen):
     assert_close(y, F.conv2d(xb, w4, layer.bias, 1, 1).detach())
 
 
-def test_torch_compile_fullgraph_matches_eager(gen):
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=MEMORY_FORMAT_IDS)
+def test_torch_compile_fullgraph_matches_eager(memory_format, gen):
     torch._dynamo.reset()
     torch.manual_seed(15)
     model = nn.Sequential(SparseConv2d(4, 6, 3, padding=1, block_size=(2, 2), density=0.5),
-                          nn.ReLU(), nn.Flatten(),
+                          nn.ReLU(inplace=True), nn.Flatten(),
                           SparseLinear(6 * 5 * 5, 7, block_size=(4, 5), density=0.5))
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(2, 4, 5, 5, generator=gen)
+    x = torch.randn(2, 4, 5, 5, generator=gen).contiguous(memory_format=memory_format)
     xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
     g = torch.randn(2, 7, generator=gen)
     y_eager = model(xe)
