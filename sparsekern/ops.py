@@ -210,6 +210,7 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
     if conv:
         _check_conv(conv, n_cols, bk)
         N, H, W, C, *_, P, Q = conv
+        out_hw = (P, Q) if trans_w else (H, W)  # the output's spatial size
         if trans_w:
             _check_conv_activation(a, "conv input", N, C, H, W, values.dtype, values.device)
         else:
@@ -224,12 +225,12 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
     if conv and is_channels_last(a):  # run on the rows it holds, no copy
         out = _dds_impl(_rows_view(a), values, *topo, n_rows, n_cols, trans_w, backend, conv,
                         bias)
-        return _rows_as_channels_last(out, N, *((P, Q) if trans_w else (H, W)))
+        return _rows_as_channels_last(out, N, *out_hw)
     impl = backends.select("dds", backend, a, values.dtype, trans_w, bool(conv), (bm, bk))
     fused = {"bias": bias} if bias is not None and impl.fused_bias else {}
     if conv and a.dim() == 4 and not impl.nchw:
         out = impl.dds(nchw_to_rows(a), values, topo, n_rows, n_cols, trans_w, conv, **fused)
-        out = rows_to_nchw(out, N, *((P, Q) if trans_w else (H, W)))
+        out = rows_to_nchw(out, N, *out_hw)
     else:
         out = impl.dds(a, values, topo, n_rows, n_cols, trans_w, conv or None, **fused)
     if bias is not None and not fused:

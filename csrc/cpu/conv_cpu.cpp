@@ -178,6 +178,13 @@ class ImageRows {
   int64_t n_ = -1;
 };
 
+// An uninitialized activation of N images, C channels, h x w: NCHW [N, C, h, w] or NHWC rows
+// [N*h*w, C].
+at::Tensor empty_activation(int64_t N, int64_t C, int64_t h, int64_t w, bool nchw,
+                            const at::TensorOptions& options) {
+  return nchw ? at::empty({N, C, h, w}, options) : at::empty({N * h * w, C}, options);
+}
+
 // One image of the geometry (tiles index pixels within their image).
 ConvGeometry single_image(const ConvGeometry& g) {
   ConvGeometry one = g;
@@ -205,8 +212,7 @@ at::Tensor conv_forward_tiles(const at::Tensor& x, const at::Tensor& values,
   const at::Tensor vt = values.transpose(1, 2).contiguous();
   const BlockColumns used = BlockColumns::of_blocks(col_idx, g, bk);
   const ConvGeometry one = single_image(g);
-  at::Tensor y = nchw ? at::empty({g.N, n_rows, g.P, g.Q}, x.options())
-                      : at::empty({g.out_rows(), n_rows}, x.options());
+  at::Tensor y = empty_activation(g.N, n_rows, g.P, g.Q, nchw, x.options());
   T* yp = y.data_ptr<T>();
   at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
     std::vector<T> tile(kTileRows * width), y_tile(nchw ? kTileRows * n_rows : 0);
@@ -238,8 +244,7 @@ at::Tensor conv_grad_input_tiles(const at::Tensor& dy, const at::Tensor& values,
   const int64_t bm = values.size(1), bk = values.size(2);
   const ConvGeometry one = single_image(g);
   const BlockColumns used = BlockColumns::of_offsets(t_offsets, g, bk);
-  at::Tensor dx = nchw ? at::empty({g.N, g.C, g.H, g.W}, dy.options())
-                       : at::empty({g.in_rows(), g.C}, dy.options());
+  at::Tensor dx = empty_activation(g.N, g.C, g.H, g.W, nchw, dy.options());
   const T* dyp = dy.data_ptr<T>();
   T* dxp = dx.data_ptr<T>();
   at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
@@ -383,8 +388,7 @@ at::Tensor conv_forward_shifted(const at::Tensor& x, const at::Tensor& values,
   SpmmArgs<T> args{values.data_ptr<T>(), row_offsets.data_ptr<int32_t>(), cols, nullptr, bm,
                    bk, bk, 1, bm * bk, xw.data_ptr<T>(), yw.data_ptr<T>(), L.ld, d_off.data()};
   spmm_positions(kt, args, n_rows / bm, L);
-  at::Tensor y = nchw ? at::empty({g.N, n_rows, g.P, g.Q}, x.options())
-                      : at::empty({g.out_rows(), n_rows}, x.options());
+  at::Tensor y = empty_activation(g.N, n_rows, g.P, g.Q, nchw, x.options());
   wide_transfer<T>(yw.data_ptr<T>(), y.data_ptr<T>(), L, g.N, g.P, g.Q, 0, 0, n_rows, nchw,
                    false);
   return y;
@@ -423,8 +427,7 @@ at::Tensor conv_grad_input_shifted(const at::Tensor& dy, const at::Tensor& value
   SpmmArgs<T> args{values.data_ptr<T>(), seg_offsets.data(), nullptr, perm.data(), bk, bm, 1,
                    bk, bm * bk, dyw.data_ptr<T>(), dxw.data_ptr<T>(), L.ld, d_off.data()};
   spmm_positions(kt, args, n_cb, L);
-  at::Tensor dx = nchw ? at::empty({g.N, g.C, g.H, g.W}, dy.options())
-                       : at::empty({g.in_rows(), g.C}, dy.options());
+  at::Tensor dx = empty_activation(g.N, g.C, g.H, g.W, nchw, dy.options());
   wide_transfer<T>(dxw.data_ptr<T>(), dx.data_ptr<T>(), L, g.N, g.H, g.W, g.ph, g.pw, g.C, nchw,
                    false);
   return dx;
