@@ -5,6 +5,11 @@ Correctness first: the sparse model is the dense one pruned to the same mask and
 sparsify, and its logits must match. Then medians of full AT steps.
 
     python benchmarks/bench_adv_train.py [--batch 128] [--sparsity 0.9] [--block 32]
+
+Timed twice by default, same process: first with glibc's malloc as it comes (every freed block
+of 32 MiB or more goes back to the kernel and is faulted in again on the next allocation), then
+after sparsekern.retain_freed_cpu_memory() (freed blocks are reused). Both models run under the
+same allocator in each round.
 """
 from __future__ import annotations
 
@@ -62,6 +67,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--format", choices=["channels_last", "nchw"], default="channels_last",
                         help="memory format of the input batch (and so of every activation)")
+    parser.add_argument("--allocator", choices=["both", "glibc", "retain"], default="both",
+                        help="time with malloc as it comes, after retain_freed_cpu_memory(), or "
+                             "both in that order")
     parser.add_argument("--json", default="benchmarks/results/bench_adv_train_cpu.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -88,17 +96,24 @@ def main(argv=None):
         return lambda: adversarial_step(model, x, y, opt, attack)
 
     info = machine_info()
-    t = interleaved_medians_ms({"dense": at_step(dense), "sparse": at_step(sparse)},
-                               args.repeats)
-    t_dense, t_sparse = t["dense"], t["sparse"]
-    row = {"model": "VGG-like CIFAR", "batch": args.batch, "format": args.format,
-           "sparsity": args.sparsity,
-           "block": f"{args.block}x{args.block}", "dense_ms": t_dense, "sparse_ms": t_sparse,
-           "speedup": t_dense / t_sparse}
-    print(f"{info}\nPGD-10 AT step, batch {args.batch} ({args.format}), {args.block}x{args.block} blocks at "
-          f"{100 * args.sparsity:.0f}%: dense {t_dense:.1f} ms, sparse {t_sparse:.1f} ms, "
-          f"speed-up {row['speedup']:.2f}x")
-    write_json(args.json, info, [row])
+    steps = {"dense": at_step(dense), "sparse": at_step(sparse)}
+    rows = []
+    for allocator in (["glibc", "retain"] if args.allocator == "both" else [args.allocator]):
+        if allocator == "retain" and not sparsekern.retain_freed_cpu_memory():
+            print("retain_freed_cpu_memory: not available here (not glibc); skipped")
+            continue
+        t = interleaved_medians_ms(steps, args.repeats)
+        t_dense, t_sparse = t["dense"], t["sparse"]
+        row = {"model": "VGG-like CIFAR", "batch": args.batch, "format": args.format,
+               "allocator": allocator, "sparsity": args.sparsity,
+               "block": f"{args.block}x{args.block}", "dense_ms": t_dense, "sparse_ms": t_sparse,
+               "speedup": t_dense / t_sparse}
+        rows.append(row)
+        print(f"PGD-10 AT step, batch {args.batch} ({args.format}, malloc: {allocator}), "
+              f"{args.block}x{args.block} blocks at {100 * args.sparsity:.0f}%: dense "
+              f"{t_dense:.1f} ms, sparse {t_sparse:.1f} ms, speed-up {row['speedup']:.2f}x")
+    print(info)
+    write_json(args.json, info, rows)
 
 
 if __name__ == "__main__":

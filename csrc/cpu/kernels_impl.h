@@ -252,7 +252,10 @@ static inline void columns_tile(const ColumnArgs<T>& a, int64_t e_begin, int64_t
 template <typename T, int KV>
 static inline void columns_rows(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t nb,
                                 int64_t k0) {
-  constexpr int RB = KV >= 4 ? 4 : 8;
+  // RB*KV accumulators of the 32 (AVX-512) or 16 registers. With KV = 2 (32-wide float blocks)
+  // and 32 registers, 12 rows (24 accumulators) amortize the block row's loads better than 8:
+  // 14 loads per 24 FMAs instead of 10 per 16, ~15-20% faster on the Ice Lake host.
+  constexpr int RB = KV >= 4 ? 4 : (KV == 2 && VEC_BYTES == 64 ? 12 : 8);
   constexpr int64_t kL1Bytes = 16 * 1024;
   const int64_t per_block = a.bm * KV * VEC_BYTES;
   const int64_t chunk = per_block >= kL1Bytes ? 1 : kL1Bytes / per_block;
@@ -260,6 +263,8 @@ static inline void columns_rows(const ColumnArgs<T>& a, int64_t j, int64_t b0, i
                                                              bool first) {
     int64_t b = b0;
     for (; b + RB <= b0 + nb; b += RB) columns_tile<T, RB, KV>(a, c, c_end, first, j, b, k0);
+    if (RB > 4)
+      for (; b + 4 <= b0 + nb; b += 4) columns_tile<T, 4, KV>(a, c, c_end, first, j, b, k0);
     for (; b < b0 + nb; ++b) columns_tile<T, 1, KV>(a, c, c_end, first, j, b, k0);
   });
 }
