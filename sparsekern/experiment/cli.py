@@ -22,6 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and the number of cells, and exit")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="leave glibc's malloc as it comes (by default a CPU run calls "
+                             "sparsekern.retain_freed_cpu_memory: large activations are reused "
+                             "instead of faulted in again every pass)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,6 +41,9 @@ def main(args: argparse.Namespace) -> int:
                 len(g.seeds)
             print(f"# {n} cells -> {args.out or default_out_dir(cfg)}")
             return 0
+        if cfg.device == "cpu" and not args.malloc_defaults:  # this process is ours to tune
+            from sparsekern.memory import retain_freed_cpu_memory
+            retain_freed_cpu_memory()
         result = run_experiment(cfg, args.out, progress=not args.no_progress)
     except ConfigError as e:
         print(f"sparsekern experiment: config error: {e}", file=sys.stderr)
