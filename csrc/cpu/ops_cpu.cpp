@@ -123,8 +123,10 @@ at::Tensor dds_typed(const at::Tensor& a, const at::Tensor& values, const at::Te
   return from_feature_major<T>(ot, B);
 }
 
-// a @ S over block columns of S, batch-major in and out, parallel over (block column, batch
-// tile); needs bk % vec_len == 0. x @ W passes W's blocks with the transpose metadata; x @ W^T
+// a @ S over block columns of S, batch-major in and out, parallel over (batch tile, block
+// column), batch tiles outermost: the threads share one batch tile of activations (in L2/L3)
+// while the blocks stream, instead of streaming all activations once per block column (1.5x
+// faster for 4096x4096 at 90%, batch 4096, on the Intel host); needs bk % vec_len == 0. x @ W passes W's blocks with the transpose metadata; x @ W^T
 // passes W's blocks transposed with the row CSR (a value copy far smaller than the activations
 // at the sparsities that matter).
 template <typename T>
@@ -141,7 +143,7 @@ at::Tensor dds_columns_typed(const at::Tensor& a, const at::Tensor& values,
   constexpr int64_t kBatchTile = 64;
   const int64_t n_bt = (B + kBatchTile - 1) / kBatchTile, n_bcols = n_cols / bk;
   parallel_dynamic(n_bcols * n_bt, [&](int64_t i) {
-    const int64_t j = i / n_bt, b0 = (i % n_bt) * kBatchTile;
+    const int64_t j = i % n_bcols, b0 = (i / n_bcols) * kBatchTile;
     kt.dds_columns(args, j, b0, std::min(kBatchTile, B - b0));
   });
   return out;
