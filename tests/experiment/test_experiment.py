@@ -276,3 +276,16 @@ def test_cli_config_error_exits_2(capsys):
 def test_cli_requires_config():
     with pytest.raises(SystemExit):
         sparsekern_main(["experiment"])
+
+
+@pytest.mark.parametrize("flags, retained", [([], True), (["--malloc-defaults"], False)])
+def test_cli_retains_freed_memory_for_cpu_runs(monkeypatch, capsys, tmp_path, flags, retained):
+    import sparsekern.experiment.runner as runner
+    import sparsekern.memory as memory
+    calls = []
+    monkeypatch.setattr(memory, "retain_freed_cpu_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(runner, "run_experiment", lambda cfg, out, progress: {
+        "summary": "", "ran": 0, "skipped": 0, "plots": []})
+    assert sparsekern_main(["experiment", "--config", "quick", "--out", str(tmp_path),
+                            "--no-progress", *flags]) in (0, None)
+    assert bool(calls) == retained
