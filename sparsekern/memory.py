@@ -60,8 +60,8 @@ def retain_freed_cpu_memory() -> bool:
     if libc is None:
         return False
     # Both are needed: large blocks must come from the heap (a glibc that refuses an mmap
-    # threshold above 32 MiB gets M_MMAP_MAX=0 instead: no block is mapped on its own), and the heap must not be trimmed
-    # (a freed block at its top would be returned).
+    # threshold above 32 MiB gets M_MMAP_MAX=0 instead: no block is mapped on its own), and
+    # the heap must not be trimmed (a freed block at its top would be returned).
     from_heap = (libc.mallopt(_M_MMAP_THRESHOLD, _HUGE) == 1
                  or libc.mallopt(_M_MMAP_MAX, 0) == 1)
     ok = from_heap and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
