@@ -108,7 +108,6 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
         raise ValueError(f"block width {bk} does not divide the {C} input channels: a block holds "
                          f"input channels of one filter tap; choose a block width dividing {C}")
     geometry = ops.conv_geometry((N, C, H, W), (R, S), stride, pad, dilation)
-    P, Q = geometry[-2:]
     # channels_last input stays channels_last, anything else goes in as contiguous NCHW: the
     # ops take both and return (and differentiate) in the format they get.
     channels_last = ops.is_channels_last(input)

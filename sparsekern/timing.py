@@ -4,15 +4,7 @@ import time
 
 def median_ms(fn, repeats: int = 9, warmup: int = 2) -> float:
     """Median wall time of fn() in milliseconds, after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2] * 1e3
+    return interleaved_medians_ms({"fn": fn}, repeats, warmup)["fn"]
 
 
 def interleaved_medians_ms(fns: dict, repeats: int = 9, warmup: int = 1) -> dict:

@@ -126,9 +126,10 @@ at::Tensor dds_typed(const at::Tensor& a, const at::Tensor& values, const at::Te
 // a @ S over block columns of S, batch-major in and out, parallel over (batch tile, block
 // column), batch tiles outermost: the threads share one batch tile of activations (in L2/L3)
 // while the blocks stream, instead of streaming all activations once per block column (1.5x
-// faster for 4096x4096 at 90%, batch 4096, on the Intel host); needs bk % vec_len == 0. x @ W passes W's blocks with the transpose metadata; x @ W^T
-// passes W's blocks transposed with the row CSR (a value copy far smaller than the activations
-// at the sparsities that matter).
+// faster for 4096x4096 at 90%, batch 4096, on the Intel host); needs bk % vec_len == 0.
+// x @ W passes W's blocks with the transpose metadata; x @ W^T passes W's blocks transposed
+// with the row CSR (a value copy far smaller than the activations at the sparsities that
+// matter).
 template <typename T>
 at::Tensor dds_columns_typed(const at::Tensor& a, const at::Tensor& values,
                              const at::Tensor& offsets, const at::Tensor& rows,
