@@ -162,6 +162,12 @@ EXPLICIT_CASES = [
     (2, 16, 10, 6, 7, 3, 1, 1, 2, (4, 16), "sparse"),    # shifted forward, tiles backward
     (2, 16, 16, 7, 6, 3, 2, 1, 1, (4, 16), "sparse"),    # chunked forward, tiles backward
     (2, 8, 16, 7, 6, 3, 2, 1, 1, (16, 4), "sparse"),     # tiles forward, chunked backward
+    # wide blocks read straight from padded images: padding beyond the kernel's reach (the
+    # gather-form grad input's dy needs no top/left margin), 1x1 with padding, asymmetric
+    # padding with dilation at stride 1
+    (2, 16, 16, 5, 6, 3, 1, 3, 1, (16, 16), "sparse"),
+    (1, 32, 32, 4, 5, 1, 1, 1, 1, (32, 32), "sparse"),
+    (2, 16, 24, 9, 7, 3, 1, (2, 0), 2, (16, 16), "sparse"),
     # narrow blocks, stride 2, R*S*C = 1600: 676 output pixels in two chunks of 655
     (1, 64, 10, 52, 51, 5, 2, 2, 1, (4, 4), "sparse"),
     # LeNet-5 shapes, unstructured
@@ -173,7 +179,7 @@ EXPLICIT_IDS = ["1x1-basic", "4x4-pad-cout", "8x8-k5", "16x16-s2d2", "32x32-k3",
                 "1x1-k5-s2d2", "4x4-k5-on-3x3", "4x4-nonsquare", "4x4-pad4", "32x32-tiles-k5",
                 "16x16-tiles-straddle", "16x16-tiles-per-image", "4x4-shifted-d2-asym",
                 "1x1-shifted-k7-valid", "16x4-s1", "4x16-s1-d2", "4x16-s2", "16x4-s2",
-                "4x4-s2-multichunk",
+                "16x16-s1-pad3", "32x32-1x1-pad1", "16x16-s1-d2-asym", "4x4-s2-multichunk",
                 "lenet-conv1", "lenet-conv2"]
 
 
@@ -351,8 +357,10 @@ GRAD_GEOMETRIES = [
     # 8x8 float64 blocks: the vector-length tile path on AVX-512 (stride 2, so the backward
     # scatters into overlapping taps)
     (2, 8, 5, 4, (3, 3), (2, 1), (1, 1), (1, 1), 8, (8, 8)),
+    # ... and at stride 1 (gather-form grad input) with dilation and uneven padding
+    (2, 8, 5, 4, (3, 3), (1, 1), (2, 1), (2, 1), 8, (8, 8)),
 ]
-GRAD_IDS = ["s2", "d2", "mixed", "tiles"]
+GRAD_IDS = ["s2", "d2", "mixed", "tiles", "tiles-s1"]
 LAYOUTS = ("rows", "nchw", "cl")  # the activation layouts of the conv ops
 
 

@@ -55,13 +55,6 @@ struct BlockColumns {
   static BlockColumns all_taps(const ConvGeometry& g) {
     return BlockColumns(g, g.C, std::vector<uint8_t>(g.R * g.S, 1));
   }
-  // The columns some stored block sits in (per CSR entry: col_idx).
-  static BlockColumns of_blocks(const at::Tensor& col_idx, const ConvGeometry& g, int64_t bk) {
-    std::vector<uint8_t> flags(g.R * g.S * g.C / bk, 0);
-    const int32_t* c = col_idx.data_ptr<int32_t>();
-    for (int64_t e = 0; e < col_idx.numel(); ++e) flags[c[e]] = 1;
-    return BlockColumns(g, bk, flags);
-  }
   // The columns with entries in CSR offsets over block columns (t_offsets).
   static BlockColumns of_offsets(const at::Tensor& offsets, const ConvGeometry& g, int64_t bk) {
     const int32_t* o = offsets.data_ptr<int32_t>();
@@ -199,38 +192,185 @@ void add_bias_rows(T* y, int64_t ld, int64_t rows, int64_t cols, const T* bias) 
   for (int64_t t = 0; t < rows; ++t) kt.add(y + t * ld, bias, cols);
 }
 
-// y = x * W (+ bias, or nullptr); W's blocks are transposed once ([nnz, bk, bm]) so the column
-// kernel walks them by block row.
+// The zero-padded NHWC image [Hp, Wp, C] of image n of an activation (NHWC rows or NCHW), a
+// per-thread copy refreshed when n changes; the border is zeroed once. Pixel (h, w) of the
+// image sits at ((h + top) * Wp + w + left) * C.
 template <typename T>
-at::Tensor conv_forward_tiles(const at::Tensor& x, const at::Tensor& values,
-                              const at::Tensor& row_offsets, const at::Tensor& col_idx,
-                              int64_t n_rows, const ConvGeometry& g, bool nchw, const T* bias) {
+class PaddedImage {
+ public:
+  PaddedImage(const T* act, int64_t H, int64_t W, int64_t C, int64_t top, int64_t left,
+              int64_t Hp, int64_t Wp, bool nchw)
+      : act_(act), H_(H), W_(W), C_(C), top_(top), left_(left), Wp_(Wp), nchw_(nchw),
+        buf_(Hp * Wp * C, T(0)) {}
+  const T* operator()(int64_t n) {
+    if (n == n_) return buf_.data();
+    n_ = n;
+    for (int64_t h = 0; h < H_; ++h) {
+      T* d = buf_.data() + ((h + top_) * Wp_ + left_) * C_;
+      if (nchw_)  // image row h of every channel -> [W, C]
+        transpose(act_ + n * C_ * H_ * W_ + h * W_, H_ * W_, d, C_, C_, W_, true);
+      else
+        std::memcpy(d, act_ + (n * H_ + h) * W_ * C_, W_ * C_ * sizeof(T));
+    }
+    return buf_.data();
+  }
+
+ private:
+  const T* act_;
+  int64_t H_, W_, C_, top_, left_, Wp_;
+  bool nchw_;
+  std::vector<T> buf_;
+  int64_t n_ = -1;
+};
+
+// Direct addressing of the padded input image [Hp, Wp, C] (Hp = H + 2*ph, Wp = W + 2*pw):
+// output pixel (p, q) at tap (r, s) reads padded pixel (p*sh + r*dh, q*sw + s*dw), i.e. the
+// pixel's own offset plus a fixed offset per block column, whatever the stride and dilation.
+struct PaddedInput {
+  int64_t Hp, Wp;
+  std::vector<int64_t> pixel;  // [P*Q] offset of output pixel pq's tap (0, 0) input
+  explicit PaddedInput(const ConvGeometry& g)
+      : Hp(g.H + 2 * g.ph), Wp(g.W + 2 * g.pw), pixel(g.P * g.Q) {
+    for (int64_t pq = 0; pq < g.P * g.Q; ++pq)
+      pixel[pq] = ((pq / g.Q) * g.sh * Wp + (pq % g.Q) * g.sw) * g.C;
+  }
+  // Offsets of the blocks' columns: block column j holds channels [cb*bk, cb*bk + bk) of tap
+  // j / (C/bk).
+  std::vector<int64_t> columns(const ConvGeometry& g, const at::Tensor& col_idx, int64_t bk) const {
+    const int64_t n_cb = g.C / bk;
+    const int32_t* cols = col_idx.data_ptr<int32_t>();
+    std::vector<int64_t> off(col_idx.numel());
+    for (int64_t e = 0; e < col_idx.numel(); ++e) {
+      const int64_t tap = cols[e] / n_cb;
+      off[e] = ((tap / g.S) * g.dh * Wp + (tap % g.S) * g.dw) * g.C + (cols[e] % n_cb) * bk;
+    }
+    return off;
+  }
+  template <typename T>
+  PaddedImage<T> image(const T* x, const ConvGeometry& g, bool nchw) const {
+    return PaddedImage<T>(x, g.H, g.W, g.C, g.ph, g.pw, Hp, Wp, nchw);
+  }
+};
+
+// y = x * W (+ bias, or nullptr), straight from padded images (PaddedInput); W's blocks are
+// transposed once ([nnz, bk, bm]) so the column kernel walks them by block row. Tiles of output
+// pixels, image by image.
+template <typename T>
+at::Tensor conv_forward_direct(const at::Tensor& x, const at::Tensor& values,
+                               const at::Tensor& row_offsets, const at::Tensor& col_idx,
+                               int64_t n_rows, const ConvGeometry& g, bool nchw, const T* bias) {
   const KernelTable<T> kt = select_kernels<T>();
-  const int64_t width = g.R * g.S * g.C, PQ = g.P * g.Q;
-  const int64_t bm = values.size(1), bk = values.size(2);
+  const int64_t PQ = g.P * g.Q, bm = values.size(1), bk = values.size(2);
   const int64_t tiles_per_image = (PQ + kTileRows - 1) / kTileRows;
   const at::Tensor vt = values.transpose(1, 2).contiguous();
-  const BlockColumns used = BlockColumns::of_blocks(col_idx, g, bk);
-  const ConvGeometry one = single_image(g);
+  const PaddedInput padded(g);
+  const std::vector<int64_t> a_off = padded.columns(g, col_idx, bk);
   at::Tensor y = empty_activation(g.N, n_rows, g.P, g.Q, nchw, x.options());
   T* yp = y.data_ptr<T>();
   at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<T> tile(kTileRows * width), y_tile(nchw ? kTileRows * n_rows : 0);
-    ImageRows<T> image(x.data_ptr<T>(), g.H * g.W, g.C, nchw);
+    std::vector<T> y_tile(nchw ? kTileRows * n_rows : 0);
+    PaddedImage<T> image = padded.image(x.data_ptr<T>(), g, nchw);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
       const int64_t rows = std::min(kTileRows, PQ - pq0);
-      pack_rows(image(n), one, used, pq0, rows, tile.data());
       T* out = nchw ? y_tile.data() : yp + (n * PQ + pq0) * n_rows;
       ColumnArgs<T> args{vt.data_ptr<T>(), row_offsets.data_ptr<int32_t>(),
-                         col_idx.data_ptr<int32_t>(), nullptr, bk, bm, tile.data(), width,
-                         out, n_rows};
+                         col_idx.data_ptr<int32_t>(), nullptr, bk, bm, image(n), 0, out, n_rows};
+      args.a_row = padded.pixel.data() + pq0;
+      args.a_off = a_off.data();
       for (int64_t j = 0; j < n_rows / bm; ++j) kt.dds_columns(args, j, 0, rows);
       if (bias) add_bias_rows(out, n_rows, rows, n_rows, bias);
       if (nchw) transpose(out, n_rows, yp + n * n_rows * PQ + pq0, PQ, rows, n_rows, false);
     }
   });
   return y;
+}
+
+// dW = sum over tiles of output pixels of sdd(dy_tile, x read straight from padded images),
+// one private accumulator per thread.
+template <typename T>
+at::Tensor conv_grad_values_direct(const at::Tensor& dy, const at::Tensor& x,
+                                   const at::Tensor& row_idx, const at::Tensor& col_idx,
+                                   int64_t bm, int64_t bk, const ConvGeometry& g, bool nchw) {
+  const KernelTable<T> kt = select_kernels<T>();
+  const int64_t PQ = g.P * g.Q, nnz = row_idx.numel(), n_rows = dy.size(1);
+  const int64_t tiles_per_image = (PQ + kTileRows - 1) / kTileRows;
+  const PaddedInput padded(g);
+  const std::vector<int64_t> b_off = padded.columns(g, col_idx, bk);
+  std::vector<at::Tensor> partial(at::get_num_threads());
+  const T* dyp = dy.data_ptr<T>();
+  at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
+    at::Tensor acc = at::zeros({nnz, bm, bk}, dy.options());
+    PaddedImage<T> image = padded.image(x.data_ptr<T>(), g, nchw);
+    ImageRows<T> dy_image(dyp, PQ, n_rows, nchw);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
+      SddArgs<T> args{dy_image(n) + pq0 * n_rows, image(n), row_idx.data_ptr<int32_t>(),
+                      col_idx.data_ptr<int32_t>(), bm, bk, acc.data_ptr<T>(), 0, n_rows,
+                      std::min(kTileRows, PQ - pq0), true};
+      args.b_row = padded.pixel.data() + pq0;
+      args.b_off = b_off.data();
+      for (int64_t p = 0; p < nnz; ++p) kt.sdd_batch_major(args, p);
+    }
+    partial[at::get_thread_num()] = acc;
+  });
+  at::Tensor out = at::zeros({nnz, bm, bk}, dy.options());
+  for (const at::Tensor& p : partial)
+    if (p.defined()) out.add_(p);
+  return out;
+}
+
+// Stride 1: dx = dy * W in gather form, read straight from a padded dy image. Input pixel
+// (h, w) at tap (r, s) receives from output pixel (h + ph - r*dh, w + pw - s*dw), a fixed offset
+// per tap, so each block column of dx (channels [cb*bk, cb*bk + bk)) is one segment listing its
+// blocks at every tap, computed once and stored: no zero fill, no im2col tile, no scatter-adds.
+template <typename T>
+at::Tensor conv_grad_input_direct(const at::Tensor& dy, const at::Tensor& values,
+                                  const at::Tensor& t_offsets, const at::Tensor& t_rows,
+                                  const at::Tensor& t_perm, int64_t n_rows,
+                                  const ConvGeometry& g, bool nchw) {
+  const KernelTable<T> kt = select_kernels<T>();
+  const int64_t HW = g.H * g.W, bm = values.size(1), bk = values.size(2), n_cb = g.C / bk;
+  // dy's padding: rows from ph - (R-1)*dh to H - 1 + ph are read (likewise columns)
+  const int64_t top = std::max<int64_t>(0, (g.R - 1) * g.dh - g.ph);
+  const int64_t left = std::max<int64_t>(0, (g.S - 1) * g.dw - g.pw);
+  const int64_t Hd = top + std::max(g.P, g.H + g.ph), Wd = left + std::max(g.Q, g.W + g.pw);
+  std::vector<int32_t> seg_offsets(n_cb + 1, 0), perm;
+  std::vector<int64_t> a_off, a_row(HW);
+  const int32_t *toff = t_offsets.data_ptr<int32_t>(), *trow = t_rows.data_ptr<int32_t>(),
+                *tperm = t_perm.data_ptr<int32_t>();
+  for (int64_t cb = 0; cb < n_cb; ++cb) {
+    for (int64_t tap = 0; tap < g.R * g.S; ++tap) {
+      const int64_t col = tap * n_cb + cb;
+      const int64_t shift = ((tap / g.S) * g.dh * Wd + (tap % g.S) * g.dw) * n_rows;
+      for (int64_t e = toff[col]; e < toff[col + 1]; ++e) {
+        perm.push_back(tperm[e]);
+        a_off.push_back(trow[e] * bm - shift);
+      }
+    }
+    seg_offsets[cb + 1] = (int32_t)perm.size();
+  }
+  for (int64_t hw = 0; hw < HW; ++hw)
+    a_row[hw] = ((hw / g.W + g.ph + top) * Wd + hw % g.W + g.pw + left) * n_rows;
+  const int64_t tiles_per_image = (HW + kTileRows - 1) / kTileRows;
+  at::Tensor dx = empty_activation(g.N, g.C, g.H, g.W, nchw, dy.options());
+  T* dxp = dx.data_ptr<T>();
+  at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<T> dx_tile(nchw ? kTileRows * g.C : 0);
+    PaddedImage<T> image(dy.data_ptr<T>(), g.P, g.Q, n_rows, top, left, Hd, Wd, nchw);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / tiles_per_image, hw0 = (i % tiles_per_image) * kTileRows;
+      const int64_t rows = std::min(kTileRows, HW - hw0);
+      T* out = nchw ? dx_tile.data() : dxp + (n * HW + hw0) * g.C;
+      ColumnArgs<T> args{values.data_ptr<T>(), seg_offsets.data(), nullptr, perm.data(), bm,
+                         bk, image(n), 0, out, g.C};
+      args.a_row = a_row.data() + hw0;
+      args.a_off = a_off.data();
+      for (int64_t cb = 0; cb < n_cb; ++cb) kt.dds_columns(args, cb, 0, rows);
+      if (nchw) transpose(out, g.C, dxp + n * g.C * HW + hw0, HW, rows, g.C, false);
+    }
+  });
+  return dx;
 }
 
 // dx = col2im(dy W): threads own whole images, so the scatter-adds never race.
@@ -267,40 +407,6 @@ at::Tensor conv_grad_input_tiles(const at::Tensor& dy, const at::Tensor& values,
     }
   });
   return dx;
-}
-
-// dW = sum over tiles of sdd(dy_tile, tile), one private accumulator per thread.
-template <typename T>
-at::Tensor conv_grad_values_tiles(const at::Tensor& dy, const at::Tensor& x,
-                                  const at::Tensor& row_idx, const at::Tensor& col_idx,
-                                  int64_t bm, int64_t bk, const ConvGeometry& g, bool nchw) {
-  const KernelTable<T> kt = select_kernels<T>();
-  const int64_t width = g.R * g.S * g.C, PQ = g.P * g.Q, nnz = row_idx.numel();
-  const int64_t n_rows = dy.size(1), tiles_per_image = (PQ + kTileRows - 1) / kTileRows;
-  const int64_t n_threads = at::get_num_threads();
-  std::vector<at::Tensor> partial(n_threads);
-  const BlockColumns used = BlockColumns::of_blocks(col_idx, g, bk);
-  const ConvGeometry one = single_image(g);
-  const T* dyp = dy.data_ptr<T>();
-  at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
-    at::Tensor acc = at::zeros({nnz, bm, bk}, dy.options());
-    std::vector<T> tile(kTileRows * width);
-    ImageRows<T> image(x.data_ptr<T>(), g.H * g.W, g.C, nchw), dy_image(dyp, PQ, n_rows, nchw);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
-      const int64_t rows = std::min(kTileRows, PQ - pq0);
-      pack_rows(image(n), one, used, pq0, rows, tile.data());
-      SddArgs<T> args{dy_image(n) + pq0 * n_rows, tile.data(), row_idx.data_ptr<int32_t>(),
-                      col_idx.data_ptr<int32_t>(), bm, bk, acc.data_ptr<T>(), width, n_rows,
-                      rows, true};
-      for (int64_t p = 0; p < nnz; ++p) kt.sdd_batch_major(args, p);
-    }
-    partial[at::get_thread_num()] = acc;
-  });
-  at::Tensor out = at::zeros({nnz, bm, bk}, dy.options());
-  for (const at::Tensor& p : partial)
-    if (p.defined()) out.add_(p);
-  return out;
 }
 
 // ---- stride-1 "shifted image" path, feature-major, for blocks narrower than a vector -------
@@ -488,11 +594,13 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_dds_conv_cpu", [&] {
     const int64_t vec_len = select_kernels<scalar_t>().vec_len;
     if (trans_w && v.size(1) % vec_len == 0) {
-      out = conv_forward_tiles<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g, nchw,
+      out = conv_forward_direct<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g, nchw,
                                          bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
       return;
     }
-    if (!trans_w && v.size(2) % vec_len == 0) {
+    if (!trans_w && v.size(2) % vec_len == 0 && use_shifted_path(g)) {
+      out = conv_grad_input_direct<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
+    } else if (!trans_w && v.size(2) % vec_len == 0) {
       out = conv_grad_input_tiles<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
     } else if (trans_w && use_shifted_path(g)) {
       out = conv_forward_shifted<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g, nchw);
@@ -539,7 +647,7 @@ at::Tensor sdd_conv_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tens
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_sdd_conv_cpu", [&] {
     if (bk % select_kernels<scalar_t>().vec_len == 0) {
-      out = conv_grad_values_tiles<scalar_t>(ac, bc, row_idx, col_idx, bm, bk, g, nchw);
+      out = conv_grad_values_direct<scalar_t>(ac, bc, row_idx, col_idx, bm, bk, g, nchw);
     } else if (use_shifted_path(g)) {
       out = conv_grad_values_shifted<scalar_t>(ac, bc, row_idx, col_idx, bm, bk, g, nchw);
     } else if (nchw) {  // generic path: on NHWC rows

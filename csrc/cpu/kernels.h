@@ -43,6 +43,11 @@ struct ColumnArgs {
   int64_t lda;
   T* O;                     // [batch, ldo]
   int64_t ldo;
+  // Optional direct conv addressing (no im2col copy): batch row b of A starts at A + a_row[b]
+  // (instead of A + b * lda) and entry e's block at + a_off[e] (instead of rows[e] * bm). Both
+  // or neither; rows is then unused.
+  const int64_t* a_row = nullptr;  // [nb] from b0: offsets of each row (an output pixel)
+  const int64_t* a_off = nullptr;  // [nnz] offset of each entry's block (a filter tap, channels)
 };
 
 // Sampled dense x dense: out[p][m][k] = sum_b A[row(p)*bm + m, b] * B[col(p)*bk + k, b]
@@ -65,6 +70,9 @@ struct SddArgs {
   const int64_t* a_off = nullptr;
   const int64_t* b_off = nullptr;
   int64_t length = 0;
+  // Batch-major only: optional direct conv addressing of B (no im2col copy): batch row b starts
+  // at B + b_row[b] and block p's columns at + b_off[p] (instead of b * ldb + col(p) * bk).
+  const int64_t* b_row = nullptr;  // [batch]
 };
 
 template <typename T>

@@ -173,17 +173,19 @@ static void sdd(const SddArgs<T>& a, int64_t p) {
 
 // Batch-major sdd: RM rows x KV vectors of one block, accumulated over the batch. Per batch row
 // KV vector loads and RM broadcasts feed RM*KV FMAs, and no lane reduction is needed.
-template <typename T, int RM, int KV>
+// DIRECT: B's rows addressed through b_row / b_off (conv on a padded image).
+template <typename T, int RM, int KV, bool DIRECT>
 static inline void sdd_bm_tile(const SddArgs<T>& a, int64_t p, int64_t m0, int64_t k0) {
   using V = Vec<T>;
   typename V::type acc[RM][KV];
   for (int r = 0; r < RM; ++r)
     for (int v = 0; v < KV; ++v) acc[r][v] = V::zero();
   const T* arow = a.A + (int64_t)a.row_idx[p] * a.bm + m0;
-  const T* brow = a.B + (int64_t)a.col_idx[p] * a.bk + k0;
+  const T* brow = a.B + (DIRECT ? a.b_off[p] : (int64_t)a.col_idx[p] * a.bk) + k0;
   for (int64_t b = 0; b < a.batch; ++b) {
+    const T* bb = brow + (DIRECT ? a.b_row[b] : b * a.ldb);
     typename V::type bv[KV];
-    for (int v = 0; v < KV; ++v) bv[v] = V::load(brow + b * a.ldb + v * V::len);
+    for (int v = 0; v < KV; ++v) bv[v] = V::load(bb + v * V::len);
     for (int r = 0; r < RM; ++r) {
       const T w = arow[b * a.lda + r];
       for (int v = 0; v < KV; ++v) acc[r][v] += w * bv[v];
@@ -197,27 +199,36 @@ static inline void sdd_bm_tile(const SddArgs<T>& a, int64_t p, int64_t m0, int64
     }
 }
 
-template <typename T, int KV>
+template <typename T, int KV, bool DIRECT>
 static inline void sdd_bm_cols(const SddArgs<T>& a, int64_t p, int64_t k0) {
   constexpr int RM = KV >= 4 ? 4 : 8;  // RM*KV accumulators: 8 to 16 of the 32 registers
   int64_t m = 0;
-  for (; m + RM <= a.bm; m += RM) sdd_bm_tile<T, RM, KV>(a, p, m, k0);
-  for (; m < a.bm; ++m) sdd_bm_tile<T, 1, KV>(a, p, m, k0);
+  for (; m + RM <= a.bm; m += RM) sdd_bm_tile<T, RM, KV, DIRECT>(a, p, m, k0);
+  for (; m < a.bm; ++m) sdd_bm_tile<T, 1, KV, DIRECT>(a, p, m, k0);
+}
+
+template <typename T, bool DIRECT>
+static void sdd_batch_major_impl(const SddArgs<T>& a, int64_t p) {
+  constexpr int64_t L = Vec<T>::len;
+  int64_t k = 0;
+  for (; k + 4 * L <= a.bk; k += 4 * L) sdd_bm_cols<T, 4, DIRECT>(a, p, k);
+  for (; k + 2 * L <= a.bk; k += 2 * L) sdd_bm_cols<T, 2, DIRECT>(a, p, k);
+  for (; k + L <= a.bk; k += L) sdd_bm_cols<T, 1, DIRECT>(a, p, k);
 }
 
 template <typename T>
 static void sdd_batch_major(const SddArgs<T>& a, int64_t p) {
-  constexpr int64_t L = Vec<T>::len;
-  int64_t k = 0;
-  for (; k + 4 * L <= a.bk; k += 4 * L) sdd_bm_cols<T, 4>(a, p, k);
-  for (; k + 2 * L <= a.bk; k += 2 * L) sdd_bm_cols<T, 2>(a, p, k);
-  for (; k + L <= a.bk; k += L) sdd_bm_cols<T, 1>(a, p, k);
+  if (a.b_row)
+    sdd_batch_major_impl<T, true>(a, p);
+  else
+    sdd_batch_major_impl<T, false>(a, p);
 }
 
 // Column tile: RB batch rows x KV vectors of block column j over blocks [e_begin, e_end). Per m,
 // KV loads of the block row and RB broadcasts of the activation feed RB*KV FMAs. Partial sums
-// live in the output between block chunks (first: start from zero).
-template <typename T, int RB, int KV>
+// live in the output between block chunks (first: start from zero). DIRECT: rows addressed
+// through a_row / a_off (conv on a padded image) instead of b * lda + rows[e] * bm.
+template <typename T, int RB, int KV, bool DIRECT>
 static inline void columns_tile(const ColumnArgs<T>& a, int64_t e_begin, int64_t e_end,
                                 bool first, int64_t j, int64_t b0, int64_t k0) {
   using V = Vec<T>;
@@ -227,20 +238,35 @@ static inline void columns_tile(const ColumnArgs<T>& a, int64_t e_begin, int64_t
     for (int v = 0; v < KV; ++v)
       acc[r][v] = first ? V::zero() : V::load(o + r * a.ldo + v * V::len);
   const int64_t bm = a.bm, bk = a.bk, lda = a.lda;
+  const auto row = [&](int64_t e, int r) {  // entry e's activations in tile row r
+    return DIRECT ? a.A + a.a_row[b0 + r] + a.a_off[e]
+                  : a.A + (b0 + r) * lda + (int64_t)a.rows[e] * bm;
+  };
   for (int64_t e = e_begin; e < e_end; ++e) {
     const T* s = a.S + (a.perm ? (int64_t)a.perm[e] : e) * bm * bk + k0;
-    const T* arow = a.A + b0 * lda + (int64_t)a.rows[e] * bm;
-    if (e + 1 < e_end) {  // the next block's activations jump elsewhere: fetch them early
-      const T* next = a.A + b0 * lda + (int64_t)a.rows[e + 1] * bm;
+    if (e + 1 < e_end)  // the next block's activations jump elsewhere: fetch them early
       for (int r = 0; r < RB; ++r)
-        for (int64_t m = 0; m < bm; m += 64 / sizeof(T)) __builtin_prefetch(next + r * lda + m);
-    }
-    for (int64_t m = 0; m < bm; ++m) {
-      typename V::type sv[KV];
-      for (int v = 0; v < KV; ++v) sv[v] = V::load(s + m * bk + v * V::len);
-      for (int r = 0; r < RB; ++r) {
-        const T w = arow[r * lda + m];
-        for (int v = 0; v < KV; ++v) acc[r][v] += w * sv[v];
+        for (int64_t m = 0; m < bm; m += 64 / sizeof(T)) __builtin_prefetch(row(e + 1, r) + m);
+    if (DIRECT) {
+      const T* arow[RB];
+      for (int r = 0; r < RB; ++r) arow[r] = row(e, r);
+      for (int64_t m = 0; m < bm; ++m) {
+        typename V::type sv[KV];
+        for (int v = 0; v < KV; ++v) sv[v] = V::load(s + m * bk + v * V::len);
+        for (int r = 0; r < RB; ++r) {
+          const T w = arow[r][m];
+          for (int v = 0; v < KV; ++v) acc[r][v] += w * sv[v];
+        }
+      }
+    } else {
+      const T* arow = row(e, 0);
+      for (int64_t m = 0; m < bm; ++m) {
+        typename V::type sv[KV];
+        for (int v = 0; v < KV; ++v) sv[v] = V::load(s + m * bk + v * V::len);
+        for (int r = 0; r < RB; ++r) {
+          const T w = arow[r * lda + m];
+          for (int v = 0; v < KV; ++v) acc[r][v] += w * sv[v];
+        }
       }
     }
   }
@@ -249,7 +275,7 @@ static inline void columns_tile(const ColumnArgs<T>& a, int64_t e_begin, int64_t
 }
 
 // All batch rows of a block column, block chunks sized so the chunk's block rows stay in L1.
-template <typename T, int KV>
+template <typename T, int KV, bool DIRECT>
 static inline void columns_rows(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t nb,
                                 int64_t k0) {
   // RB*KV accumulators of the 32 (AVX-512) or 16 registers. With KV = 2 (32-wide float blocks)
@@ -262,20 +288,30 @@ static inline void columns_rows(const ColumnArgs<T>& a, int64_t j, int64_t b0, i
   for_each_chunk(a.offsets[j], a.offsets[j + 1], chunk, [&](int64_t c, int64_t c_end,
                                                              bool first) {
     int64_t b = b0;
-    for (; b + RB <= b0 + nb; b += RB) columns_tile<T, RB, KV>(a, c, c_end, first, j, b, k0);
+    for (; b + RB <= b0 + nb; b += RB)
+      columns_tile<T, RB, KV, DIRECT>(a, c, c_end, first, j, b, k0);
     if (RB > 4)
-      for (; b + 4 <= b0 + nb; b += 4) columns_tile<T, 4, KV>(a, c, c_end, first, j, b, k0);
-    for (; b < b0 + nb; ++b) columns_tile<T, 1, KV>(a, c, c_end, first, j, b, k0);
+      for (; b + 4 <= b0 + nb; b += 4)
+        columns_tile<T, 4, KV, DIRECT>(a, c, c_end, first, j, b, k0);
+    for (; b < b0 + nb; ++b) columns_tile<T, 1, KV, DIRECT>(a, c, c_end, first, j, b, k0);
   });
+}
+
+template <typename T, bool DIRECT>
+static void dds_columns_impl(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t nb) {
+  constexpr int64_t L = Vec<T>::len;
+  int64_t k = 0;
+  for (; k + 4 * L <= a.bk; k += 4 * L) columns_rows<T, 4, DIRECT>(a, j, b0, nb, k);
+  for (; k + 2 * L <= a.bk; k += 2 * L) columns_rows<T, 2, DIRECT>(a, j, b0, nb, k);
+  for (; k + L <= a.bk; k += L) columns_rows<T, 1, DIRECT>(a, j, b0, nb, k);
 }
 
 template <typename T>
 static void dds_columns(const ColumnArgs<T>& a, int64_t j, int64_t b0, int64_t nb) {
-  constexpr int64_t L = Vec<T>::len;
-  int64_t k = 0;
-  for (; k + 4 * L <= a.bk; k += 4 * L) columns_rows<T, 4>(a, j, b0, nb, k);
-  for (; k + 2 * L <= a.bk; k += 2 * L) columns_rows<T, 2>(a, j, b0, nb, k);
-  for (; k + L <= a.bk; k += L) columns_rows<T, 1>(a, j, b0, nb, k);
+  if (a.a_row)
+    dds_columns_impl<T, true>(a, j, b0, nb);
+  else
+    dds_columns_impl<T, false>(a, j, b0, nb);
 }
 
 // 8x8 transpose in registers: three rounds of two-vector shuffles (unpack pairs, pairs of
