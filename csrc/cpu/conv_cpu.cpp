@@ -1,15 +1,14 @@
-// Conv2d on the implicit-GEMM view, CPU. Output pixels are processed in tiles: for each tile the
-// NHWC input rows it reads are packed into a [tile, R*S*C] buffer (zeros for padding) and the
-// linear micro-kernels run on it; nothing of the size of a full im2col buffer is built.
-//   forward  y[N*P*Q, C_out]   = tile @ W^T                    (dds, trans_w=True)
-//   grad x   dx[N*H*W, C]      = col2im-add(dy_tile @ W)       (dds, trans_w=False)
-//   grad W   dW[nnz, bm, bk]  += sdd(dy_tile, tile)            (sdd)
+// Conv2d on the implicit-GEMM view, CPU, without building im2col buffers:
+//   forward  y[N*P*Q, C_out]   = im2col(x) @ W^T            (dds, trans_w=True)
+//   grad x   dx[N*H*W, C]      = col2im(dy @ W)             (dds, trans_w=False)
+//   grad W   dW[nnz, bm, bk]   = sdd(dy, im2col(x))         (sdd)
 // Activations come as NHWC rows or as NCHW tensors (checks.h); each path reads and writes the
 // layout it is given, converting only cache-sized pieces.
-// Fast path (block widths a multiple of the vector length): small tiles, one per thread at a
-// time, packed and consumed while in L2 (threads own tiles, images for grad x, private dW
-// accumulators for grad W). Narrower blocks at stride 1: the channel-major "shifted image"
-// path. Others: larger tiles through the generic linear entry points, whose kernels
+// Fast path (block widths a multiple of the vector length): "direct" — the batch-major kernels
+// read a per-thread zero-padded copy of the image in place (PaddedInput), 64 output pixels at a
+// time; grad x in gather form at stride 1, else dcol tiles of the used block columns and
+// col2im scatter-adds. Narrower blocks at stride 1: the channel-major "shifted image" path.
+// Others: packed im2col tiles through the generic linear entry points, whose kernels
 // parallelize inside.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -142,7 +141,7 @@ inline void transpose(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t ro
   kt.transpose(src, lds, dst, ldd, rows, cols, load);
 }
 
-// ---- tile path: blocks a multiple of the vector length wide ----------------------------------
+// ---- direct path: blocks a multiple of the vector length wide --------------------------------
 // Work goes image by image in tiles of at most kTileRows output pixels. Activations are NHWC
 // rows or NCHW (`nchw`); for NCHW each thread converts the images it works on (input, grad
 // output, grad input) and its output tiles in its own buffers, which stay in cache, so no
@@ -373,7 +372,8 @@ at::Tensor conv_grad_input_direct(const at::Tensor& dy, const at::Tensor& values
   return dx;
 }
 
-// dx = col2im(dy W): threads own whole images, so the scatter-adds never race.
+// Stride > 1: dx = col2im(dy W) over dcol tiles of the used block columns; threads own whole
+// images, so the scatter-adds never race.
 template <typename T>
 at::Tensor conv_grad_input_tiles(const at::Tensor& dy, const at::Tensor& values,
                                  const at::Tensor& t_offsets, const at::Tensor& t_rows,
@@ -598,7 +598,7 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
                                          bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
       return;
     }
-    if (!trans_w && v.size(2) % vec_len == 0 && use_shifted_path(g)) {
+    if (!trans_w && v.size(2) % vec_len == 0 && g.sh == 1 && g.sw == 1) {  // gather form
       out = conv_grad_input_direct<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
     } else if (!trans_w && v.size(2) % vec_len == 0) {
       out = conv_grad_input_tiles<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
