@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparsekern import backends
 
@@ -399,8 +400,14 @@ _DdsFunction = _eager_function("_DdsFunction", _dds_impl, _dds_setup_context, _d
 _SddFunction = _eager_function("_SddFunction", _sdd_impl, _sdd_setup_context, _sdd_backward)
 
 
-def _use_registered_ops() -> bool:
-    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+def _use_registered_ops(a: Tensor) -> bool:
+    """True when a tracer may be watching: torch.compile, functorch transforms, a Python dispatch
+    mode (make_fx, FakeTensorMode), or a tensor subclass operand. The last two catch AOT
+    autograd tracing the backward (FunctionalTensor around FakeTensor), where torch 2.11 reports
+    is_compiling() False and the fast path would hand a fake tensor to a kernel launcher."""
+    return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or _get_current_dispatch_mode() is not None
+            or type(a) not in (Tensor, torch.nn.Parameter))
 
 
 def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
@@ -408,11 +415,11 @@ def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm
     """ops.dds with the same arguments and result; the fast path in eager mode."""
     args = (a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
             trans_w, backend, conv, bias)
-    return dds(*args) if _use_registered_ops() else _DdsFunction.apply(*args)
+    return dds(*args) if _use_registered_ops(a) else _DdsFunction.apply(*args)
 
 
 def sdd_call(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
              backend="auto", conv=None) -> Tensor:
     """ops.sdd with the same arguments and result; the fast path in eager mode."""
     args = (a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk, backend, conv)
-    return sdd(*args) if _use_registered_ops() else _SddFunction.apply(*args)
+    return sdd(*args) if _use_registered_ops(a) else _SddFunction.apply(*args)

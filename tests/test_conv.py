@@ -509,6 +509,7 @@ def test_channels_last_output_takes_inplace_relu(gen):
     assert_close(values.grad, gathered_weight_grad(w4.grad, m))
 
 
+@pytest.mark.native_errors
 def test_conv_ops_reject_mixed_layouts(gen):
     m, conv, x, dy, _ = _conv_op_inputs(GRAD_GEOMETRIES[0], gen, layout="nchw")
     bm, bk = m.block_shape
@@ -1094,6 +1095,7 @@ BAD_IDS = ["P", "Q", "C-R", "RS", "stride0", "negpad", "dil0", "H0", "N"]
 
 @pytest.mark.parametrize("changes,match,_", BAD_GEOMETRIES, ids=BAD_IDS)
 @pytest.mark.parametrize("trans_w", [True, False])
+@pytest.mark.native_errors
 def test_error_native_dds_inconsistent_geometry(changes, match, _, trans_w):
     m, conv, x, dy = _native_setup()
     bad = _with(conv, **changes)
@@ -1107,6 +1109,7 @@ def test_error_native_dds_inconsistent_geometry(changes, match, _, trans_w):
 
 
 @pytest.mark.parametrize("changes,_,match", BAD_GEOMETRIES, ids=BAD_IDS)
+@pytest.mark.native_errors
 def test_error_native_sdd_inconsistent_geometry(changes, _, match):
     m, conv, x, dy = _native_setup()
     bad = _with(conv, **changes)
@@ -1117,6 +1120,7 @@ def test_error_native_sdd_inconsistent_geometry(changes, _, match):
         ops.sdd(dy, x, *m.topology(), bm, bk, "cpu", bad)
 
 
+@pytest.mark.native_errors
 def test_error_native_geometry_wrong_length_and_block_width():
     m, conv, x, dy = _native_setup()
     ro, ci, ri, to, tr, tp = m.topology()
@@ -1141,6 +1145,7 @@ def test_error_native_geometry_wrong_length_and_block_width():
 
 # Regression: the native check once computed P, Q with C++ truncating division and accepted this
 # geometry (fixed in 516942d).
+@pytest.mark.native_errors
 def test_error_native_rejects_kernel_larger_than_input_with_stride():
     values = torch.randn(16, 1, 1, dtype=torch.float64)
     m = BlockSparseMatrix.from_block_mask(torch.ones(1, 16, dtype=torch.bool), (1, 1), (1, 16),
@@ -1162,6 +1167,7 @@ def test_error_native_rejects_kernel_larger_than_input_with_stride():
 
 
 @pytest.mark.parametrize("bad", [-1, 18], ids=["neg", "past_end"])
+@pytest.mark.native_errors
 def test_error_native_conv_index_out_of_range(bad):
     m, conv, x, dy = _native_setup()
     ro, ci, ri, to, tr, tp = m.topology()
@@ -1191,6 +1197,7 @@ def test_error_native_conv_index_out_of_range(bad):
         dds_native(x, m.values, ro_bad, ci, to, tr, tp, Mp, Kp, True, conv)
 
 
+@pytest.mark.native_errors
 def test_error_native_conv_operand_shapes_and_dtypes():
     m, conv, x, dy = _native_setup()
     ro, ci, ri, to, tr, tp = m.topology()

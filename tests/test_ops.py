@@ -266,6 +266,19 @@ def test_eager_fast_path_matches_the_registered_ops(fast, gen):
     assert_close(y, oracle_dds(x, values, m.row_offsets, m.col_idx, Mp, Kp, True))
 
 
+def test_eager_fast_path_only_on_plain_tensors():
+    """dds_call / sdd_call take the registered (traceable) ops under a dispatch mode or for tensor
+    subclasses; plain tensors and Parameters keep the fast path (tests/triton checks a kernel
+    under fake tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(3, 4)
+    assert not ops._use_registered_ops(x)
+    assert not ops._use_registered_ops(torch.nn.Parameter(x))
+    with FakeTensorMode() as mode:
+        assert ops._use_registered_ops(mode.from_tensor(x))
+
+
 def test_sdd_gradgradcheck(gen):
     m, _, x, dy = _grad_inputs((3, 5), "sparse", (3, 3), gen, batch=3)
     _, _, bm, bk = _sizes(m)
@@ -560,6 +573,7 @@ def _native_dds_args(w, trans_w=True):
     "col_big", "col_neg", "row_offsets_end", "row_offsets_decreasing", "t_rows_big",
     "t_perm_big", "t_perm_neg", "t_offsets_end", "short_col_idx", "int64_index",
     "non_contiguous_index", "wrong_features", "mixed_dtype", "values_2d", "zero_block"])
+@pytest.mark.native_errors
 def test_native_dds_bad_arguments_raise(w44, case):
     trans_w = case not in ("t_rows_big", "t_perm_big", "t_perm_neg", "t_offsets_end")
     args = _native_dds_args(w44, trans_w)
@@ -600,6 +614,7 @@ def test_native_dds_bad_arguments_raise(w44, case):
 
 @pytest.mark.parametrize("case", ["row_big", "col_big", "row_neg", "length_mismatch", "int64",
                                   "batch_mismatch", "width", "int_operands", "mixed_dtype"])
+@pytest.mark.native_errors
 def test_native_sdd_bad_arguments_raise(w44, case):
     a, b = torch.randn(3, 12), torch.randn(3, 16)
     ri, ci = w44.row_idx.clone(), w44.col_idx.clone()

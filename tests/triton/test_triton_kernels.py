@@ -186,3 +186,21 @@ def test_torch_compile_fullgraph(gen):
     x = torch.randn(6, 48, generator=gen).to(DEVICE)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_eager_fast_path_steps_aside_for_fake_tensors(gen):
+    """AOT autograd traces the backward on FunctionalTensor/FakeTensor operands, where torch 2.11
+    reports is_compiling() False: dds_call / sdd_call must still take the registered ops (fake
+    kernels: shapes only), never hand fake tensors to a Triton launcher. Failed on an H100 as
+    test_torch_compile_fullgraph ("Cannot access data pointer of Tensor")."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    m = make_matrix((16, 16), "sparse", torch.float32, grid=(3, 3)).to(DEVICE)
+    Mp, Kp = m.padded_shape
+    real = [t.detach() for t in (randn(5, Kp, dtype=torch.float32, generator=gen).to(DEVICE),
+                                 randn(5, Mp, dtype=torch.float32, generator=gen).to(DEVICE),
+                                 m.values, *m.topology())]
+    with FakeTensorMode() as mode:
+        x, dy, values, *topo = (mode.from_tensor(t) for t in real)
+        assert ops.dds_call(x, values, *topo, Mp, Kp, True, "triton").shape == (5, Mp)
+        assert ops.sdd_call(dy, x, *topo, 16, 16, "triton").shape == values.shape
