@@ -266,21 +266,22 @@ at::Tensor conv_forward_direct(const at::Tensor& x, const at::Tensor& values,
   const std::vector<int64_t> a_off = padded.columns(g, col_idx, bk);
   at::Tensor y = empty_activation(g.N, n_rows, g.P, g.Q, nchw, x.options());
   T* yp = y.data_ptr<T>();
-  at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
+  parallel_chunks(g.N * tiles_per_image, tiles_per_image, [&](const auto& claim) {
     std::vector<T> y_tile(nchw ? kTileRows * n_rows : 0);
     PaddedImage<T> image = padded.image(x.data_ptr<T>(), g, nchw);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
-      const int64_t rows = std::min(kTileRows, PQ - pq0);
-      T* out = nchw ? y_tile.data() : yp + (n * PQ + pq0) * n_rows;
-      ColumnArgs<T> args{vt.data_ptr<T>(), row_offsets.data_ptr<int32_t>(),
-                         col_idx.data_ptr<int32_t>(), nullptr, bk, bm, image(n), 0, out, n_rows};
-      args.a_row = padded.pixel.data() + pq0;
-      args.a_off = a_off.data();
-      for (int64_t j = 0; j < n_rows / bm; ++j) kt.dds_columns(args, j, 0, rows);
-      if (bias) add_bias_rows(out, n_rows, rows, n_rows, bias);
-      if (nchw) transpose(out, n_rows, yp + n * n_rows * PQ + pq0, PQ, rows, n_rows, false);
-    }
+    for (int64_t i0, i1; claim(i0, i1);)
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
+        const int64_t rows = std::min(kTileRows, PQ - pq0);
+        T* out = nchw ? y_tile.data() : yp + (n * PQ + pq0) * n_rows;
+        ColumnArgs<T> args{vt.data_ptr<T>(), row_offsets.data_ptr<int32_t>(),
+                           col_idx.data_ptr<int32_t>(), nullptr, bk, bm, image(n), 0, out, n_rows};
+        args.a_row = padded.pixel.data() + pq0;
+        args.a_off = a_off.data();
+        for (int64_t j = 0; j < n_rows / bm; ++j) kt.dds_columns(args, j, 0, rows);
+        if (bias) add_bias_rows(out, n_rows, rows, n_rows, bias);
+        if (nchw) transpose(out, n_rows, yp + n * n_rows * PQ + pq0, PQ, rows, n_rows, false);
+      }
   });
   return y;
 }
@@ -298,19 +299,20 @@ at::Tensor conv_grad_values_direct(const at::Tensor& dy, const at::Tensor& x,
   const std::vector<int64_t> b_off = padded.columns(g, col_idx, bk);
   std::vector<at::Tensor> partial(at::get_num_threads());
   const T* dyp = dy.data_ptr<T>();
-  at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
+  parallel_chunks(g.N * tiles_per_image, tiles_per_image, [&](const auto& claim) {
     at::Tensor acc = at::zeros({nnz, bm, bk}, dy.options());
     PaddedImage<T> image = padded.image(x.data_ptr<T>(), g, nchw);
     ImageRows<T> dy_image(dyp, PQ, n_rows, nchw);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
-      SddArgs<T> args{dy_image(n) + pq0 * n_rows, image(n), row_idx.data_ptr<int32_t>(),
-                      col_idx.data_ptr<int32_t>(), bm, bk, acc.data_ptr<T>(), 0, n_rows,
-                      std::min(kTileRows, PQ - pq0), true};
-      args.b_row = padded.pixel.data() + pq0;
-      args.b_off = b_off.data();
-      for (int64_t p = 0; p < nnz; ++p) kt.sdd_batch_major(args, p);
-    }
+    for (int64_t i0, i1; claim(i0, i1);)
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i / tiles_per_image, pq0 = (i % tiles_per_image) * kTileRows;
+        SddArgs<T> args{dy_image(n) + pq0 * n_rows, image(n), row_idx.data_ptr<int32_t>(),
+                        col_idx.data_ptr<int32_t>(), bm, bk, acc.data_ptr<T>(), 0, n_rows,
+                        std::min(kTileRows, PQ - pq0), true};
+        args.b_row = padded.pixel.data() + pq0;
+        args.b_off = b_off.data();
+        for (int64_t p = 0; p < nnz; ++p) kt.sdd_batch_major(args, p);
+      }
     partial[at::get_thread_num()] = acc;
   });
   at::Tensor out = at::zeros({nnz, bm, bk}, dy.options());
@@ -354,20 +356,21 @@ at::Tensor conv_grad_input_direct(const at::Tensor& dy, const at::Tensor& values
   const int64_t tiles_per_image = (HW + kTileRows - 1) / kTileRows;
   at::Tensor dx = empty_activation(g.N, g.C, g.H, g.W, nchw, dy.options());
   T* dxp = dx.data_ptr<T>();
-  at::parallel_for(0, g.N * tiles_per_image, 1, [&](int64_t i0, int64_t i1) {
+  parallel_chunks(g.N * tiles_per_image, tiles_per_image, [&](const auto& claim) {
     std::vector<T> dx_tile(nchw ? kTileRows * g.C : 0);
     PaddedImage<T> image(dy.data_ptr<T>(), g.P, g.Q, n_rows, top, left, Hd, Wd, nchw);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t n = i / tiles_per_image, hw0 = (i % tiles_per_image) * kTileRows;
-      const int64_t rows = std::min(kTileRows, HW - hw0);
-      T* out = nchw ? dx_tile.data() : dxp + (n * HW + hw0) * g.C;
-      ColumnArgs<T> args{values.data_ptr<T>(), seg_offsets.data(), nullptr, perm.data(), bm,
-                         bk, image(n), 0, out, g.C};
-      args.a_row = a_row.data() + hw0;
-      args.a_off = a_off.data();
-      for (int64_t cb = 0; cb < n_cb; ++cb) kt.dds_columns(args, cb, 0, rows);
-      if (nchw) transpose(out, g.C, dxp + n * g.C * HW + hw0, HW, rows, g.C, false);
-    }
+    for (int64_t i0, i1; claim(i0, i1);)
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t n = i / tiles_per_image, hw0 = (i % tiles_per_image) * kTileRows;
+        const int64_t rows = std::min(kTileRows, HW - hw0);
+        T* out = nchw ? dx_tile.data() : dxp + (n * HW + hw0) * g.C;
+        ColumnArgs<T> args{values.data_ptr<T>(), seg_offsets.data(), nullptr, perm.data(), bm,
+                           bk, image(n), 0, out, g.C};
+        args.a_row = a_row.data() + hw0;
+        args.a_off = a_off.data();
+        for (int64_t cb = 0; cb < n_cb; ++cb) kt.dds_columns(args, cb, 0, rows);
+        if (nchw) transpose(out, g.C, dxp + n * g.C * HW + hw0, HW, rows, g.C, false);
+      }
   });
   return dx;
 }
@@ -387,24 +390,25 @@ at::Tensor conv_grad_input_tiles(const at::Tensor& dy, const at::Tensor& values,
   at::Tensor dx = empty_activation(g.N, g.C, g.H, g.W, nchw, dy.options());
   const T* dyp = dy.data_ptr<T>();
   T* dxp = dx.data_ptr<T>();
-  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+  parallel_chunks(g.N, 1, [&](const auto& claim) {
     std::vector<T> dcol(kTileRows * width), dx_image(nchw ? HW * g.C : 0);
     ImageRows<T> dy_image(dyp, PQ, n_rows, nchw);
-    for (int64_t n = n0; n < n1; ++n) {
-      const T* dyi = dy_image(n);
-      // Zero this image just before its scatter-adds, while it is going to stay in cache.
-      T* dxi = nchw ? dx_image.data() : dxp + n * HW * g.C;
-      std::fill(dxi, dxi + HW * g.C, T(0));
-      for (int64_t pq0 = 0; pq0 < PQ; pq0 += kTileRows) {
-        const int64_t rows = std::min(kTileRows, PQ - pq0);
-        ColumnArgs<T> args{values.data_ptr<T>(), t_offsets.data_ptr<int32_t>(),
-                           t_rows.data_ptr<int32_t>(), t_perm.data_ptr<int32_t>(), bm, bk,
-                           dyi + pq0 * n_rows, n_rows, dcol.data(), width};
-        for (const BlockColumns::Column& c : used.cols) kt.dds_columns(args, c.j, 0, rows);
-        col2im_add(dcol.data(), rows, dxi, one, used, pq0, 0, g.C);
+    for (int64_t n0, n1; claim(n0, n1);)
+      for (int64_t n = n0; n < n1; ++n) {
+        const T* dyi = dy_image(n);
+        // Zero this image just before its scatter-adds, while it is going to stay in cache.
+        T* dxi = nchw ? dx_image.data() : dxp + n * HW * g.C;
+        std::fill(dxi, dxi + HW * g.C, T(0));
+        for (int64_t pq0 = 0; pq0 < PQ; pq0 += kTileRows) {
+          const int64_t rows = std::min(kTileRows, PQ - pq0);
+          ColumnArgs<T> args{values.data_ptr<T>(), t_offsets.data_ptr<int32_t>(),
+                             t_rows.data_ptr<int32_t>(), t_perm.data_ptr<int32_t>(), bm, bk,
+                             dyi + pq0 * n_rows, n_rows, dcol.data(), width};
+          for (const BlockColumns::Column& c : used.cols) kt.dds_columns(args, c.j, 0, rows);
+          col2im_add(dcol.data(), rows, dxi, one, used, pq0, 0, g.C);
+        }
+        if (nchw) transpose(dxi, g.C, dxp + n * g.C * HW, HW, HW, g.C, false);
       }
-      if (nchw) transpose(dxi, g.C, dxp + n * g.C * HW, HW, HW, g.C, false);
-    }
   });
   return dx;
 }

@@ -54,8 +54,6 @@ template <> KernelTable<double> select_kernels<double>() {
 
 namespace {
 
-// Runs fn(i) for i in [0, n) with dynamic scheduling: rows of a pruned matrix are uneven.
-
 // x [B, F] (any strides) -> [F, Bp] with columns B..Bp zero.
 template <typename T>
 at::Tensor to_feature_major(const at::Tensor& x, int64_t Bp) {

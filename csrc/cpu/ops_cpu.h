@@ -13,18 +13,33 @@ namespace sparsekern {
 
 inline int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
+// Dynamic scheduling with per-thread state: worker(claim) runs once on each thread and calls
+// claim(i0, i1) for the next chunk [i0, i1) of [0, n) until it returns false. On a host whose
+// cores run at uneven speeds (a shared VM, a noisy neighbour) a static split makes every call
+// wait for the slowest core; claiming chunks lets the faster core take more of them.
+template <typename W>
+void parallel_chunks(int64_t n, int64_t chunk, const W& worker) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    worker([&](int64_t& i0, int64_t& i1) {
+      i0 = next.fetch_add(chunk);
+      i1 = std::min(n, i0 + chunk);
+      return i0 < n;
+    });
+  });
+}
+
 // Runs fn(i) for i in [0, n) with dynamic scheduling (rows of a pruned matrix are uneven).
 // Items are claimed in chunks (about 64 per thread in all) so that a million tiny items, e.g.
 // the blocks of a (1,1) topology, do not fight over one atomic counter.
 template <typename F>
 void parallel_dynamic(int64_t n, const F& fn) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t n_threads = std::min<int64_t>(at::get_num_threads(), n);
-  const int64_t chunk = std::max<int64_t>(1, n / (64 * n_threads));
-  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
-    for (int64_t i0 = next.fetch_add(chunk); i0 < n; i0 = next.fetch_add(chunk))
-      for (int64_t i = i0, i1 = std::min(n, i0 + chunk); i < i1; ++i) fn(i);
+  const int64_t chunk = std::max<int64_t>(1, n / (64 * std::max(1, at::get_num_threads())));
+  parallel_chunks(n, chunk, [&](const auto& claim) {
+    for (int64_t i0, i1; claim(i0, i1);)
+      for (int64_t i = i0; i < i1; ++i) fn(i);
   });
 }
 
