@@ -126,6 +126,8 @@ class PGD(Attack):
             gen = torch.Generator(device=x.device)
             gen.manual_seed(int(self.seed))
         best = self._run_once(x, y, gen)
+        if self.restarts == 1:  # nothing to compare against: no extra forward pass
+            return best
         best_loss, best_success = self._evaluate(best, y)
         for _ in range(self.restarts - 1):
             todo = (~best_success).nonzero().squeeze(1)

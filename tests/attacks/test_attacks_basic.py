@@ -133,6 +133,19 @@ def test_pgd_restarts_never_lower_the_loss(trained_mlp, blobs, norm):
     assert bool((succ4 | ~succ1).all())  # a success is never lost
 
 
+@pytest.mark.parametrize("restarts, passes", [(1, 5), (2, 5 + 1 + 5 + 1)])
+def test_pgd_forward_passes(trained_mlp, blobs, restarts, passes):
+    """One forward per step; the scoring pass only when there is a restart to compare with."""
+    x, y = blobs[2][:32], blobs[3][:32]
+    calls = []
+    handle = trained_mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        PGD(trained_mlp, eps=0.5, alpha=0.01, steps=5, restarts=restarts, seed=0)(x, y)
+    finally:
+        handle.remove()
+    assert len(calls) == passes
+
+
 def test_bim_is_pgd_without_random_start(trained_mlp, blobs):
     x, y = blobs[2][:32], blobs[3][:32]
     a = BIM(trained_mlp, eps=0.1, alpha=0.02, steps=5)(x, y)
