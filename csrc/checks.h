@@ -106,6 +106,23 @@ inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& 
                     " but the block values are on ", values.device());
 }
 
+// A fused ReLU: relu on x @ W^T only; relu_mask (ReLU's output, for the product that carries its
+// backward) on dy @ W only, with a's shape, strides, dtype and device.
+inline void check_relu(const at::Tensor& a, bool trans_w, bool relu,
+                       const c10::optional<at::Tensor>& relu_mask) {
+  TORCH_CHECK_VALUE(!relu || trans_w, "sparsekern: relu applies to x @ W^T only (trans_w=True)");
+  if (!relu_mask.has_value()) return;
+  const at::Tensor& m = *relu_mask;
+  TORCH_CHECK_VALUE(!trans_w, "sparsekern: relu_mask applies to dy @ W only (trans_w=False)");
+  TORCH_CHECK_VALUE(m.sizes() == a.sizes() && m.strides() == a.strides(),
+                    "sparsekern: relu_mask must match the grad output's shape and strides, got ",
+                    m.sizes(), " / ", m.strides(), " against ", a.sizes(), " / ", a.strides());
+  TORCH_CHECK_TYPE(m.scalar_type() == a.scalar_type(), "sparsekern: relu_mask has dtype ",
+                   m.scalar_type(), " but the grad output has ", a.scalar_type());
+  TORCH_CHECK_VALUE(m.device() == a.device(), "sparsekern: relu_mask is on ", m.device(),
+                    " but the grad output is on ", a.device());
+}
+
 // Implicit-GEMM view of a conv2d: W is [C_out (padded), R*S*C] with the reduction ordered
 // (r, s, c). Activations are either NHWC rows, [N*H*W, C] (input) and [N*P*Q, *] (output), or
 // NCHW tensors, [N, C, H, W] and [N, *, P, Q]; every operand of one call in the same layout.

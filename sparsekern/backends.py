@@ -33,6 +33,8 @@ class Backend:
     auto_devices: tuple[str, ...] | None = None  # device types "auto" may pick it for (None: all)
     nchw = False  # conv on NCHW activations natively; if not, ops.py hands it NHWC rows
     fused_bias = False  # dds(..., bias=) adds the bias itself; if not, ops.py adds it after
+    # dds(..., relu=, relu_mask=) applies the ReLU / its backward itself; if not, ops.py does
+    fused_relu = False
 
     def refuse(self, op: str, a: Tensor, dtype: torch.dtype, trans_w: bool, conv: bool,
                block: tuple[int, int] | None = None) -> str | None:
@@ -40,7 +42,7 @@ class Backend:
         raise NotImplementedError
 
     def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None):  # pragma: no cover
-        """(With fused_bias, also a keyword `bias`.)"""
+        """(With fused_bias, also a keyword `bias`; with fused_relu, `relu` and `relu_mask`.)"""
         raise NotImplementedError
 
     def sdd(self, a, b, topo, bm, bk, conv=None):  # pragma: no cover - interface
@@ -53,6 +55,7 @@ class NativeCPU(Backend):
     name = "cpu"
     nchw = True
     fused_bias = True
+    fused_relu = True
 
     def refuse(self, op, a, dtype, trans_w, conv, block=None):
         if _native() is None:
@@ -63,10 +66,12 @@ class NativeCPU(Backend):
             return f"supports float32 and float64, got {dtype}"
         return None
 
-    def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None, bias=None):
+    def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None, bias=None, relu=False,
+            relu_mask=None):
         row_offsets, col_idx, _, t_offsets, t_rows, t_perm = topo
         return torch.ops.sparsekern._dds_native(a, values, row_offsets, col_idx, t_offsets, t_rows,
-                                                t_perm, n_rows, n_cols, trans_w, conv, bias)
+                                                t_perm, n_rows, n_cols, trans_w, conv, bias, relu,
+                                                relu_mask)
 
     def sdd(self, a, b, topo, bm, bk, conv=None):
         _, col_idx, row_idx, _, _, _ = topo
@@ -79,6 +84,7 @@ class NativeCUDA(NativeCPU):
     name = "cuda"
     nchw = False
     fused_bias = False
+    fused_relu = False
 
     def refuse(self, op, a, dtype, trans_w, conv, block=None):
         ext = _native()

@@ -10,12 +10,14 @@ from sparsekern.bsr import BlockSparseMatrix
 
 
 def bsr_linear(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = None,
-               backend: str = "auto") -> Tensor:
+               backend: str = "auto", *, activation: str | None = None) -> Tensor:
     """y = input @ W^T + bias with W block-sparse of logical shape [out, in].
 
     input [..., in] -> [..., out]. Differentiable w.r.t. input, weight.values and bias.
     backend: "auto" (or the innermost `sparsekern.backend(...)` scope), "cpu", "cuda", "reference".
+    activation: None, or "relu" for relu(y) fused into the kernels (forward and backward).
     """
+    relu = _fused_relu(activation)
     out_features, in_features = weight.shape
     if input.dim() < 1 or input.shape[-1] != in_features:
         raise ValueError(f"bsr_linear: input has shape {tuple(input.shape)}, expected [..., "
@@ -29,10 +31,16 @@ def bsr_linear(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     # resolved inside the op's autograd would be frozen into the compiled backward).
     backend = backends.resolve_name(backend)
     y = ops.dds_call(x, weight.values, *weight.topology(), Mp, Kp, True, backend, None,
-                     _padded_bias(bias, Mp))
+                     _padded_bias(bias, Mp), relu)
     if Mp != out_features:
         y = y[:, :out_features]
     return y.reshape(*lead, out_features)
+
+
+def _fused_relu(activation: str | None) -> bool:
+    if activation not in (None, "relu"):
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation == "relu"
 
 
 def _padded_bias(bias: Tensor | None, Mp: int) -> Tensor | None:
@@ -73,17 +81,21 @@ def conv_padding(padding, kernel_size, dilation, stride) -> tuple[int, int]:
 
 
 def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = None, stride=1,
-               padding=0, dilation=1, *, kernel_size=None, backend: str = "auto") -> Tensor:
+               padding=0, dilation=1, *, kernel_size=None, backend: str = "auto",
+               activation: str | None = None) -> Tensor:
     """2-D convolution (groups=1, zero padding) with a block-sparse weight.
 
     weight: the implicit-GEMM matrix [C_out, R*S*C_in], reduction ordered (r, s, c): a block is
     bm output channels x bk input channels at one filter tap (bk must divide C_in).
     input [N, C_in, H, W] (NCHW or channels_last) or [C_in, H, W] -> [N, C_out, P, Q], in the
     input's memory format. kernel_size defaults to the square kernel R*S = K / C_in implies.
+    activation: None, or "relu" for relu(y) fused into the kernels (forward and backward).
     """
+    relu = _fused_relu(activation)
     if input.dim() == 3:
         return bsr_conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation,
-                          kernel_size=kernel_size, backend=backend).squeeze(0)
+                          kernel_size=kernel_size, backend=backend,
+                          activation=activation).squeeze(0)
     if input.dim() != 4:
         raise ValueError(f"bsr_conv2d expects a 3-D or 4-D input, got shape {tuple(input.shape)}")
     N, C, H, W = input.shape
@@ -115,7 +127,7 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     Mp, Kp = weight.padded_shape
     backend = backends.resolve_name(backend)
     y = ops.dds_call(x, weight.values, *weight.topology(), Mp, Kp, True, backend, geometry,
-                     _padded_bias(bias, Mp))
+                     _padded_bias(bias, Mp), relu)
     if Mp != C_out:  # drop the padded channels: a fresh dense tensor in the input's format (a
         # clone, not contiguous(), which would keep a view when the slice happens to be dense)
         y = y[:, :C_out].clone(

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from sparsekern.bsr import TOPOLOGY_FIELDS, BlockSparseMatrix, _pair
 from sparsekern.functional import _pair as _int_pair
-from sparsekern.functional import bsr_conv2d, bsr_linear, conv_padding
+from sparsekern.functional import _fused_relu, bsr_conv2d, bsr_linear, conv_padding
 
 
 def pruned_weight(module: nn.Module) -> tuple[Tensor, Tensor | None]:
@@ -27,6 +27,20 @@ class _BlockSparseWeight(nn.Module):
     """Holds one BlockSparseMatrix as module state: ``values`` is the only weight Parameter
     (optimizers see only stored blocks); the topology tensors are buffers. A state_dict with a
     different topology (another nnz) loads: the topology comes from the state_dict."""
+
+    # None, or "relu": the layer returns relu(output), fused into its kernels (sparsify's
+    # fuse_relu sets it on layers followed by an nn.ReLU).
+    activation: str | None = None
+
+    def _set_activation(self, activation: str | None) -> None:
+        _fused_relu(activation)  # validates
+        self.activation = activation
+
+    def _dense_with_activation(self, dense: nn.Module) -> nn.Module:
+        return nn.Sequential(dense, nn.ReLU()) if self.activation == "relu" else dense
+
+    def _activation_repr(self) -> str:
+        return f", activation={self.activation!r}" if self.activation else ""
 
     def _set_weight(self, w: BlockSparseMatrix) -> None:
         self.weight_shape = tuple(w.shape)
@@ -90,16 +104,18 @@ class SparseLinear(_BlockSparseWeight):
         density: fraction of blocks kept at random by the constructor (from_dense keeps the
             pruned pattern instead).
         backend: "auto" or a backend name (see sparsekern.backends) for this layer's calls.
+        activation: None, or "relu" for relu(x W^T + b) fused into the kernels.
 
     Shapes: input [..., in_features] -> output [..., out_features].
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  block_size=(32, 32), density: float = 0.1, device=None, dtype=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", activation: str | None = None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.backend = backend
+        self._set_activation(activation)
         dtype = dtype or torch.get_default_dtype()
         w = BlockSparseMatrix.random((out_features, in_features), _pair(block_size), density,
                                      dtype=dtype)
@@ -114,7 +130,7 @@ class SparseLinear(_BlockSparseWeight):
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, block_size=(32, 32), mask: Tensor | None = None,
-                   backend: str = "auto") -> "SparseLinear":
+                   backend: str = "auto", activation: str | None = None) -> "SparseLinear":
         """A SparseLinear computing the same function as `linear` on its pruned weight.
 
         mask: element mask [out, in] or block mask; None uses torch.nn.utils.prune's weight_mask
@@ -127,13 +143,15 @@ class SparseLinear(_BlockSparseWeight):
         nn.Module.__init__(module)
         module.in_features, module.out_features = linear.in_features, linear.out_features
         module.backend = backend
+        module._set_activation(activation)
         module._set_weight(w)
         bias = linear.bias
         module.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         return module
 
-    def to_dense(self) -> nn.Linear:
-        """An equivalent nn.Linear (zeros where no block is stored)."""
+    def to_dense(self) -> nn.Module:
+        """An equivalent nn.Linear (zeros where no block is stored); with a fused activation,
+        nn.Sequential(that Linear, nn.ReLU())."""
         values = self.values
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=values.device, dtype=values.dtype)
@@ -141,15 +159,16 @@ class SparseLinear(_BlockSparseWeight):
             linear.weight.copy_(self.weight.to_dense())
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
-        return linear
+        return self._dense_with_activation(linear)
 
     def forward(self, input: Tensor) -> Tensor:
-        return bsr_linear(input, self.weight, self.bias, self.backend)
+        return bsr_linear(input, self.weight, self.bias, self.backend,
+                          activation=self.activation)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, block_size={self.block_size}, "
-                f"density={self.density:.4f}")
+                f"density={self.density:.4f}" + self._activation_repr())
 
 
 def conv_weight_to_gemm(weight: Tensor) -> Tensor:
@@ -172,6 +191,9 @@ class SparseConv2d(_BlockSparseWeight):
     filter tap, so bi must divide in_channels ((1, 1) is unstructured and fits any channels).
     out_channels that are not a multiple of bo are padded invisibly.
 
+    activation: None, or "relu" for relu(conv(x)) fused into the kernels (the forward's store
+    and the copy of the grad output in the backward).
+
     Shapes: input [N, C_in, H, W] (NCHW or channels_last; also unbatched [C_in, H, W]) ->
     [N, C_out, P, Q] in the input's memory format.
     """
@@ -179,8 +201,9 @@ class SparseConv2d(_BlockSparseWeight):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
                  block_size=(32, 32), density: float = 0.1, device=None, dtype=None,
-                 backend: str = "auto"):
+                 backend: str = "auto", activation: str | None = None):
         super().__init__()
+        self._set_activation(activation)
         self._set_geometry(in_channels, out_channels, kernel_size, stride, padding, dilation,
                            groups, padding_mode, block_size, backend)
         dtype = dtype or torch.get_default_dtype()
@@ -219,7 +242,7 @@ class SparseConv2d(_BlockSparseWeight):
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, block_size=(32, 32), mask: Tensor | None = None,
-                   backend: str = "auto") -> "SparseConv2d":
+                   backend: str = "auto", activation: str | None = None) -> "SparseConv2d":
         """A SparseConv2d computing the same function as `conv` on its pruned weight.
 
         mask: element mask shaped like conv.weight [C_out, C_in, R, S], or a block mask over the
@@ -229,6 +252,7 @@ class SparseConv2d(_BlockSparseWeight):
         """
         module = cls.__new__(cls)
         nn.Module.__init__(module)
+        module._set_activation(activation)
         module._set_geometry(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                              conv.padding, conv.dilation, conv.groups, conv.padding_mode,
                              block_size, backend)
@@ -242,8 +266,9 @@ class SparseConv2d(_BlockSparseWeight):
         module.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         return module
 
-    def to_dense(self) -> nn.Conv2d:
-        """An equivalent nn.Conv2d (zeros where no block is stored)."""
+    def to_dense(self) -> nn.Module:
+        """An equivalent nn.Conv2d (zeros where no block is stored); with a fused activation,
+        nn.Sequential(that Conv2d, nn.ReLU())."""
         values = self.values
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride,
                          self.padding, self.dilation, bias=self.bias is not None,
@@ -253,20 +278,21 @@ class SparseConv2d(_BlockSparseWeight):
                                                   self.kernel_size))
             if self.bias is not None:
                 conv.bias.copy_(self.bias)
-        return conv
+        return self._dense_with_activation(conv)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.dim() in (3, 4) and input.shape[-3] != self.in_channels:
             raise ValueError(f"SparseConv2d expects {self.in_channels} input channels, got input "
                              f"of shape {tuple(input.shape)}")
         return bsr_conv2d(input, self.weight, self.bias, self.stride, self.padding,
-                          self.dilation, kernel_size=self.kernel_size, backend=self.backend)
+                          self.dilation, kernel_size=self.kernel_size, backend=self.backend,
+                          activation=self.activation)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"bias={self.bias is not None}, block_size={self.block_size}, "
-                f"density={self.density:.4f}")
+                f"density={self.density:.4f}" + self._activation_repr())
 
 
 @dataclass
@@ -285,6 +311,7 @@ class SparsifyReport:
 
     model: nn.Module
     entries: list[SparsifyEntry] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)  # nn.ReLU modules folded into a layer
 
     @property
     def converted(self) -> list[str]:
@@ -300,6 +327,8 @@ class SparsifyReport:
             density = "-" if e.density is None else f"{100 * e.density:6.1f}%"
             lines.append(f"{e.name:30s} {e.kind:8s} {100 * e.sparsity:6.1f}% {density:>7s}  "
                          f"{'converted' if e.converted else 'skipped'}: {e.reason}")
+        if self.fused:
+            lines.append(f"ReLU fused into the layer before it: {', '.join(self.fused)}")
         return "\n".join(lines)
 
 
@@ -319,13 +348,18 @@ def _deepcopy_pruned(model: nn.Module) -> nn.Module:
 
 
 def sparsify(model: nn.Module, block_size=(32, 32), min_sparsity: float = 0.0,
-             include=None, inplace: bool = True) -> SparsifyReport:
+             include=None, inplace: bool = True, fuse_relu: bool = False) -> SparsifyReport:
     """Replaces every pruned nn.Linear / nn.Conv2d by SparseLinear / SparseConv2d.
 
     A layer counts as pruned when it carries torch.nn.utils.prune's weight_mask, or when more
     than `min_sparsity` of its weights are zero. block_size: a pair, or a function
     (name, module) -> pair for per-layer choices. include: optional predicate (name, module) ->
     bool restricting the candidates (e.g. to keep the first and last layers dense).
+    fuse_relu: an nn.ReLU that directly follows a converted layer in an nn.Sequential is folded
+    into it (activation="relu": applied in the kernels' store, its backward in the next
+    product's read) and replaced by nn.Identity, as torch.ao.quantization.fuse_modules does;
+    saves ReLU's passes over memory. Off by default: hooks on those nn.ReLU modules would no
+    longer fire (sparsekern.attacks.activation_sparsity sees fused layers).
     Returns a SparsifyReport (report.model is the converted model; the same object if inplace).
     The converted model computes the same function (up to float rounding).
     """
@@ -365,4 +399,25 @@ def sparsify(model: nn.Module, block_size=(32, 32), min_sparsity: float = 0.0,
         setattr(parent, child, sparse)
         entry.converted, entry.density = True, sparse.density
         entry.reason = f"block {tuple(block)}"
+    if fuse_relu:
+        report.fused = _fuse_relus(model, set(report.converted))
     return report
+
+
+def _fuse_relus(model: nn.Module, converted: set[str]) -> list[str]:
+    """Folds each nn.ReLU that follows a converted layer inside an nn.Sequential into that layer;
+    returns the names of the replaced ReLUs."""
+    fused = []
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        names = list(seq._modules)
+        for first, second in zip(names, names[1:]):
+            layer, act = seq._modules[first], seq._modules[second]
+            layer_name = f"{seq_name}.{first}" if seq_name else first
+            if (layer_name in converted and type(act) is nn.ReLU
+                    and getattr(layer, "activation", None) is None):
+                layer.activation = "relu"
+                seq._modules[second] = nn.Identity()
+                fused.append(f"{seq_name}.{second}" if seq_name else second)
+    return fused

@@ -39,7 +39,7 @@ torch.library.define(
     "sparsekern::_dds_native",
     "(Tensor a, Tensor values, Tensor row_offsets, Tensor col_idx, Tensor t_offsets, "
     "Tensor t_rows, Tensor t_perm, int n_rows, int n_cols, bool trans_w, int[]? conv=None, "
-    "Tensor? bias=None) -> Tensor",
+    "Tensor? bias=None, bool relu=False, Tensor? relu_mask=None) -> Tensor",
 )
 torch.library.define(
     "sparsekern::_sdd_native",
@@ -112,7 +112,7 @@ def rows_to_nchw(rows: Tensor, N: int, h: int, w: int) -> Tensor:
 
 @torch.library.register_fake("sparsekern::_dds_native")
 def _dds_native_fake(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-                     trans_w, conv=None, bias=None):
+                     trans_w, conv=None, bias=None, relu=False, relu_mask=None):
     return a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
 
 
@@ -202,7 +202,8 @@ def _check_conv(conv, n_cols: int, bk: int) -> None:
 def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
               row_idx: Tensor, t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int,
               n_cols: int, trans_w: bool, backend: str = "auto",
-              conv: Optional[list[int]] = None, bias: Optional[Tensor] = None) -> Tensor:
+              conv: Optional[list[int]] = None, bias: Optional[Tensor] = None,
+              relu: bool = False, relu_mask: Optional[Tensor] = None) -> Tensor:
     topo = (row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm)
     if values.dim() != 3:
         raise ValueError(f"values must be [nnz, bm, bk], got shape {tuple(values.shape)}")
@@ -223,27 +224,53 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
         if not trans_w:
             raise ValueError("a bias is added to x @ W^T only (trans_w=True)")
         _check_dense(bias.unsqueeze(0), "bias", n_rows, values.dtype, values.device)
+    if relu and not trans_w:
+        raise ValueError("relu applies to x @ W^T only (trans_w=True)")
+    if relu_mask is not None:
+        relu_mask = _relu_mask_like(relu_mask, a, trans_w)
     if conv and is_channels_last(a):  # run on the rows it holds, no copy
         out = _dds_impl(_rows_view(a), values, *topo, n_rows, n_cols, trans_w, backend, conv,
-                        bias)
+                        bias, relu, None if relu_mask is None else _rows_view(relu_mask))
         return _rows_as_channels_last(out, N, *out_hw)
     impl = backends.select("dds", backend, a, values.dtype, trans_w, bool(conv), (bm, bk))
     fused = {"bias": bias} if bias is not None and impl.fused_bias else {}
+    if impl.fused_relu:
+        fused.update(relu=relu, relu_mask=relu_mask)
+    elif relu_mask is not None:  # ReLU's backward as a pass of its own
+        a = torch.where(relu_mask > 0, a, 0)
     if conv and a.dim() == 4 and not impl.nchw:
         out = impl.dds(nchw_to_rows(a), values, topo, n_rows, n_cols, trans_w, conv, **fused)
         out = rows_to_nchw(out, N, *out_hw)
     else:
         out = impl.dds(a, values, topo, n_rows, n_cols, trans_w, conv or None, **fused)
-    if bias is not None and not fused:
+    if bias is not None and "bias" not in fused:
         out = out + (bias.view(1, -1, 1, 1) if out.dim() == 4 else bias)
+    if relu and not impl.fused_relu:
+        out = out.relu_()
     return out
+
+
+def _relu_mask_like(relu_mask: Tensor, a: Tensor, trans_w: bool) -> Tensor:
+    """relu_mask checked against a (dy) and laid out as a (the kernels read both alike)."""
+    if trans_w:
+        raise ValueError("relu_mask applies to dy @ W only (trans_w=False)")
+    if relu_mask.shape != a.shape:
+        raise ValueError(f"relu_mask must have the grad output's shape {tuple(a.shape)}, got "
+                         f"{tuple(relu_mask.shape)}")
+    if relu_mask.dtype != a.dtype or relu_mask.device != a.device:
+        raise TypeError(f"relu_mask is {relu_mask.dtype} on {relu_mask.device}, the grad output "
+                        f"{a.dtype} on {a.device}")
+    if relu_mask.stride() != a.stride():
+        relu_mask = torch.empty_like(a).copy_(relu_mask)
+    return relu_mask
 
 
 @torch.library.custom_op("sparsekern::dds", mutates_args=())
 def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx: Tensor,
         t_offsets: Tensor, t_rows: Tensor, t_perm: Tensor, n_rows: int, n_cols: int,
         trans_w: bool, backend: str = "auto", conv: Optional[list[int]] = None,
-        bias: Optional[Tensor] = None) -> Tensor:
+        bias: Optional[Tensor] = None, relu: bool = False,
+        relu_mask: Optional[Tensor] = None) -> Tensor:
     """Dense x block-sparse. W is [n_rows, n_cols] with blocks values [nnz, bm, bk].
 
     trans_w=True:  a [B, n_cols] -> a @ W^T [B, n_rows]
@@ -253,14 +280,17 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, row_idx
     [N, n_rows, P, Q]; dy [N, n_rows, P, Q] -> dx [N, C, H, W].
     bias [n_rows] (trans_w=True only) is added to every output row / pixel, fused into the
     kernel's store where the backend can.
+    A fused ReLU: relu=True (trans_w=True) returns max(a @ W^T + bias, 0); relu_mask
+    (trans_w=False, a's shape) computes (a * [relu_mask > 0]) @ W, the backward of that ReLU
+    given its output. Backends that cannot fuse them get the plain product and a pass of ATen.
     """
     return _dds_impl(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows,
-                     n_cols, trans_w, backend, conv, bias)
+                     n_cols, trans_w, backend, conv, bias, relu, relu_mask)
 
 
 @dds.register_fake
 def _dds_fake(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-              trans_w, backend="auto", conv=None, bias=None):
+              trans_w, backend="auto", conv=None, bias=None, relu=False, relu_mask=None):
     out = a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
     if conv and is_channels_last(a):
         out = out.contiguous(memory_format=torch.channels_last)
@@ -325,9 +355,13 @@ def _sdd_fake(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm
 
 # ---- autograd, once, over the primitives ---------------------------------------------------------
 def _dds_setup_context(ctx, inputs, output):
-    a, values, *topo, n_rows, n_cols, trans_w, backend, conv, bias = inputs
-    ctx.save_for_backward(a, values, *topo)
+    a, values, *topo, n_rows, n_cols, trans_w, backend, conv, bias = inputs[:14]
+    relu, relu_mask = (tuple(inputs[14:]) + (False, None))[:2]
+    # A fused ReLU's backward needs its output; a masked product, its mask.
+    extra = (output,) if relu else (relu_mask,) if relu_mask is not None else ()
+    ctx.save_for_backward(a, values, *topo, *extra)
     ctx.conv = conv
+    ctx.relu, ctx.masked = bool(relu), relu_mask is not None
     # Pin the backend the forward ran under, so a backward outside a `backend(...)` scope matches.
     # (Under torch.compile this runs at trace time; functional.py resolves the scope earlier,
     # where dynamo guards on it.)
@@ -336,20 +370,34 @@ def _dds_setup_context(ctx, inputs, output):
 
 def _dds_backward(ctx, grad):
     a, values, *topo = ctx.saved_tensors
+    extra = topo.pop() if (ctx.relu or ctx.masked) else None
     n_rows, n_cols, trans_w, backend = ctx.meta
+    n_inputs = len(ctx.needs_input_grad)
+    want_a, want_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    want_bias = n_inputs > 13 and ctx.needs_input_grad[13]
     grad_a = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_a = dds_call(grad, values, *topo, n_rows, n_cols, not trans_w, backend, ctx.conv)
-    if ctx.needs_input_grad[1]:
+    mask = None  # ReLU output whose backward the next dds folds into its read of grad
+    if ctx.relu:
+        if want_values or want_bias:  # they need grad through the ReLU anyway: one pass
+            grad = torch.ops.aten.threshold_backward(grad, extra, 0)
+        else:  # input grad only (an attack step): folded into the kernel's copy of grad
+            mask = extra
+    if ctx.masked:  # forward was (a * [extra > 0]) @ W
+        a = torch.where(extra > 0, a, 0)
+    if want_a:
+        grad_a = dds_call(grad, values, *topo, n_rows, n_cols, not trans_w, backend, ctx.conv,
+                          None, False, mask)
+        if ctx.masked:
+            grad_a = torch.where(extra > 0, grad_a, 0)
+    if want_values:
         bm, bk = values.shape[1], values.shape[2]
         left, right = (grad, a) if trans_w else (a, grad)
         grad_values = sdd_call(left, right, *topo, bm, bk, backend, ctx.conv)
     # bias: summed over rows, or over images and pixels (NCHW). (Callers that leave the bias
-    # out may get one input flag fewer.)
-    n_inputs = len(ctx.needs_input_grad)
-    if n_inputs > 13 and ctx.needs_input_grad[13]:
+    # out may get input flags fewer.)
+    if want_bias:
         grad_bias = grad.sum((0, 2, 3)) if grad.dim() == 4 else grad.sum(0)
-    return ((grad_a, grad_values) + (None,) * 11 + (grad_bias,))[:n_inputs]
+    return ((grad_a, grad_values) + (None,) * 11 + (grad_bias, None, None))[:n_inputs]
 
 
 def _sdd_setup_context(ctx, inputs, output):
@@ -411,10 +459,10 @@ def _use_registered_ops(a: Tensor) -> bool:
 
 
 def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-             trans_w, backend="auto", conv=None, bias=None) -> Tensor:
+             trans_w, backend="auto", conv=None, bias=None, relu=False, relu_mask=None) -> Tensor:
     """ops.dds with the same arguments and result; the fast path in eager mode."""
     args = (a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-            trans_w, backend, conv, bias)
+            trans_w, backend, conv, bias, relu, relu_mask)
     return dds(*args) if _use_registered_ops(a) else _DdsFunction.apply(*args)
 
 

@@ -466,6 +466,56 @@ def test_conv_dds_bias(geom, layout, gen):
                           (x, values, *topo, Mp, Kp, True, "cpu", conv, bias))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("geom", GRAD_GEOMETRIES + [
+    (2, 16, 5, 6, (3, 3), (1, 1), (1, 1), (1, 1), 20, (16, 16)),
+    (2, 4, 6, 5, (3, 3), (1, 1), (1, 1), (1, 1), 6, (2, 2))], ids=GRAD_IDS + ["tiles16", "shift"])
+def test_conv_dds_fused_relu(geom, layout, gen):
+    """relu=True (forward) and relu_mask (the product carrying its backward) on every CPU path
+    and layout: values against the reference backend with explicit ReLU passes, gradcheck of
+    both backward routes (weights wanted: one threshold pass; input only: the mask folded into
+    the grad-input kernel), opcheck."""
+    m, conv, x, dy, values = _conv_op_inputs(geom, gen, layout=layout)
+    Mp, Kp = m.padded_shape
+    topo = m.topology()
+    bias = randn(Mp, generator=gen).requires_grad_()
+    y = ops.dds(x, values, *topo, Mp, Kp, True, "cpu", conv, bias, True)
+    y_ref = ops.dds(x, values, *topo, Mp, Kp, True, "reference", conv, bias).relu()
+    assert_close(y, y_ref)
+    assert 0 < int((y == 0).sum()) < y.numel()  # the ReLU cuts something, not everything
+    for backend in ("cpu", "reference"):
+        dx = ops.dds(dy, values, *topo, Mp, Kp, False, backend, conv, None, False, y.detach())
+        assert_close(dx, ops.dds(torch.where(y > 0, dy, 0), values, *topo, Mp, Kp, False,
+                                 "reference", conv))
+    if geom[-1][0] <= 8:  # gradcheck on the small cases (float64 16x16 blocks: the value only)
+        v0 = values.detach()
+        assert torch.autograd.gradcheck(
+            lambda a, v, b: ops.dds_call(a, v, *topo, Mp, Kp, True, "cpu", conv, b, True),
+            (x, values, bias))
+        assert torch.autograd.gradcheck(
+            lambda a: ops.dds_call(a, v0, *topo, Mp, Kp, True, "cpu", conv, None, True), (x,))
+        assert torch.autograd.gradcheck(
+            lambda a, v: ops.dds_call(a, v, *topo, Mp, Kp, False, "cpu", conv, None, False,
+                                      y.detach()), (dy, values))
+    torch.library.opcheck(torch.ops.sparsekern.dds.default,
+                          (x, values, *topo, Mp, Kp, True, "cpu", conv, bias, True))
+    torch.library.opcheck(torch.ops.sparsekern.dds.default,
+                          (dy, values, *topo, Mp, Kp, False, "cpu", conv, None, False,
+                           y.detach()))
+
+
+def test_conv_relu_mask_in_another_layout_is_matched(gen):
+    """A channels_last mask for an NCHW grad output (or the reverse) is read as the values it
+    holds, not its memory."""
+    m, conv, x, dy, _ = _conv_op_inputs(GRAD_GEOMETRIES[4], gen, layout="cl")
+    Mp, Kp = m.padded_shape
+    topo = m.topology()
+    mask = randn(*dy.shape, generator=gen)  # contiguous: the other layout
+    dx = ops.dds(dy.detach(), m.values, *topo, Mp, Kp, False, "cpu", conv, None, False, mask)
+    assert_close(dx, ops.dds(torch.where(mask > 0, dy.detach(), 0), m.values, *topo, Mp, Kp,
+                             False, "reference", conv))
+
+
 def test_conv_ops_channels_last_equal_nchw(gen):
     """channels_last operands give the NCHW results, in channels_last (not views); sdd with one
     operand in each format converts the right one."""

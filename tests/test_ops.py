@@ -334,6 +334,67 @@ def test_opcheck_dds_with_bias(gen):
                                   bias.detach()))
 
 
+# ---- 2c. the fused ReLU of dds (relu=True forward, relu_mask for its backward) ---------------------
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("block_shape,kind,grid", GRAD_CASES, ids=GRAD_IDS)
+def test_dds_fused_relu(block_shape, kind, grid, backend, gen):
+    """y = relu(x W^T + bias) and dx = (dy * [y > 0]) W against the oracle; gradcheck of both
+    backward routes (weights wanted, input only) and of the masked product."""
+    m, values, x, dy = _grad_inputs(block_shape, kind, grid, gen)
+    Mp, Kp, _, _ = _sizes(m)
+    topo = m.topology()
+    bias = randn(Mp, generator=gen).requires_grad_()
+    y = ops.dds(x, values, *topo, Mp, Kp, True, backend, None, bias, True)
+    y_ref = (oracle_dds(x, values, m.row_offsets, m.col_idx, Mp, Kp, True) + bias).relu()
+    assert_close(y, y_ref)
+    dx = ops.dds(dy, values, *topo, Mp, Kp, False, backend, None, None, False, y.detach())
+    assert_close(dx, oracle_dds(torch.where(y_ref > 0, dy, 0), values, m.row_offsets, m.col_idx,
+                                Mp, Kp, False))
+    v0 = values.detach()
+    for dds in (ops.dds, ops.dds_call):
+        assert torch.autograd.gradcheck(
+            lambda a, v, b: dds(a, v, *topo, Mp, Kp, True, backend, None, b, True),
+            (x, values, bias))
+        assert torch.autograd.gradcheck(
+            lambda a: dds(a, v0, *topo, Mp, Kp, True, backend, None, None, True), (x,))
+        assert torch.autograd.gradcheck(
+            lambda a, v: dds(a, v, *topo, Mp, Kp, False, backend, None, None, False,
+                             y.detach()), (dy, values))
+
+
+def test_opcheck_dds_with_relu(gen):
+    m = make_matrix((8, 8), "sparse", torch.float32, grid=(3, 4))
+    Mp, Kp, _, _ = _sizes(m)
+    ro, ci, ri, to, tr, tp = m.topology()
+    x = randn(5, Kp, dtype=torch.float32, generator=gen).requires_grad_()
+    dy = randn(5, Mp, dtype=torch.float32, generator=gen).requires_grad_()
+    mask = randn(5, Mp, dtype=torch.float32, generator=gen)
+    values = m.values.clone().requires_grad_()
+    op = torch.ops.sparsekern.dds.default
+    _opcheck(op, (x, values, *m.topology(), Mp, Kp, True, "cpu", None, None, True))
+    _opcheck(op, (dy, values, *m.topology(), Mp, Kp, False, "cpu", None, None, False, mask))
+    _opcheck(dds_native.default, (x.detach(), m.values, ro, ci, to, tr, tp, Mp, Kp, True, None,
+                                  None, True))
+    _opcheck(dds_native.default, (dy.detach(), m.values, ro, ci, to, tr, tp, Mp, Kp, False, None,
+                                  None, False, mask))
+
+
+def test_error_bad_relu_arguments(gen):
+    m = make_matrix((4, 4), "sparse", torch.float32, grid=(3, 4))
+    Mp, Kp, _, _ = _sizes(m)
+    topo = m.topology()
+    x = randn(5, Kp, dtype=torch.float32, generator=gen)
+    dy = randn(5, Mp, dtype=torch.float32, generator=gen)
+    with pytest.raises(ValueError, match="relu applies to x @ W"):
+        ops.dds(dy, m.values, *topo, Mp, Kp, False, "cpu", None, None, True)
+    with pytest.raises(ValueError, match="relu_mask applies to dy @ W"):
+        ops.dds(x, m.values, *topo, Mp, Kp, True, "cpu", None, None, False, x)
+    with pytest.raises(ValueError, match="shape"):
+        ops.dds(dy, m.values, *topo, Mp, Kp, False, "cpu", None, None, False, dy[:4])
+    with pytest.raises(TypeError, match="relu_mask"):
+        ops.dds(dy, m.values, *topo, Mp, Kp, False, "cpu", None, None, False, dy.double())
+
+
 def test_error_bad_bias(gen):
     m = make_matrix((4, 4), "sparse", torch.float32, grid=(3, 4))
     Mp, Kp, _, _ = _sizes(m)

@@ -398,3 +398,53 @@ def test_torch_ao_pruning_convert_with_sparse_conv_mapping():
     torch.testing.assert_close(y, y_dense, rtol=1e-4, atol=1e-4)
     y.square().sum().backward()
     assert converted[0].values.grad.shape == (5, 32, 32)
+
+
+# ---- fuse_relu -----------------------------------------------------------------------------------
+def test_fuse_relu_folds_relus_after_converted_layers():
+    """Every nn.ReLU right after a converted layer in an nn.Sequential becomes nn.Identity and
+    the layer gets activation="relu"; the model's outputs and gradients do not change. ReLUs
+    after a layer left dense stay."""
+    x, g = _x(3, 1, 28, 28), _x(3, 10, key="g")
+    reference = pruned_lenet5()
+    sparsify(reference, block_size=lambda name, m: LENET_BLOCKS[name])
+    y_ref, dx_ref = _forward_backward(reference, x, g)
+    model = pruned_lenet5()
+    report = sparsify(model, block_size=lambda name, m: LENET_BLOCKS[name], fuse_relu=True)
+    # fc2 (classifier.2) is dense, so its ReLU (classifier.3) stays
+    assert report.fused == ["features.1", "features.4", "classifier.1"]
+    assert "ReLU fused into the layer before it" in str(report)
+    for relu, layer in (("features.1", "features.0"), ("features.4", "features.3"),
+                        ("classifier.1", "classifier.0")):
+        assert type(model.get_submodule(relu)) is nn.Identity
+        assert model.get_submodule(layer).activation == "relu"
+        assert "activation='relu'" in repr(model.get_submodule(layer))
+    assert type(model.classifier[3]) is nn.ReLU
+    assert model.classifier[4].activation is None  # the last layer: no ReLU after it
+    y, dx = _forward_backward(model, x, g)
+    assert_close(y, y_ref)
+    assert_close(dx, dx_ref)
+    for name in report.converted:
+        assert_close(model.get_submodule(name).values.grad,
+                     reference.get_submodule(name).values.grad)
+        assert_close(model.get_submodule(name).bias.grad, reference.get_submodule(name).bias.grad)
+
+
+def test_fused_layer_to_dense_keeps_the_relu():
+    model = pruned_lenet5()
+    sparsify(model, block_size=lambda name, m: LENET_BLOCKS[name], fuse_relu=True)
+    x = _x(2, 1, 28, 28)
+    conv = model.features[0]
+    dense = conv.to_dense()
+    assert isinstance(dense, nn.Sequential) and type(dense[1]) is nn.ReLU
+    assert_close(dense(x), conv(x))
+    fc = model.classifier[0]
+    h = _x(2, 400, key="h")
+    assert_close(fc.to_dense()(h), fc(h))
+
+
+def test_bad_activation_is_rejected():
+    with pytest.raises(ValueError, match="activation"):
+        SparseLinear(8, 8, block_size=4, activation="gelu")
+    with pytest.raises(ValueError, match="activation"):
+        SparseConv2d(4, 8, 3, block_size=4, activation="tanh")

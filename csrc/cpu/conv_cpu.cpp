@@ -193,29 +193,38 @@ void add_bias_rows(T* y, int64_t ld, int64_t rows, int64_t cols, const T* bias) 
 
 // The zero-padded NHWC image [Hp, Wp, C] of image n of an activation (NHWC rows or NCHW), a
 // per-thread copy refreshed when n changes; the border is zeroed once. Pixel (h, w) of the
-// image sits at ((h + top) * Wp + w + left) * C.
+// image sits at ((h + top) * Wp + w + left) * C. With a mask (NHWC rows only, laid out as the
+// activation) the copy keeps act where mask > 0 and zeros elsewhere: the backward of a ReLU
+// whose output is the mask, at no extra pass over memory.
 template <typename T>
 class PaddedImage {
  public:
   PaddedImage(const T* act, int64_t H, int64_t W, int64_t C, int64_t top, int64_t left,
-              int64_t Hp, int64_t Wp, bool nchw)
-      : act_(act), H_(H), W_(W), C_(C), top_(top), left_(left), Wp_(Wp), nchw_(nchw),
-        buf_(Hp * Wp * C, T(0)) {}
+              int64_t Hp, int64_t Wp, bool nchw, const T* mask = nullptr)
+      : act_(act), mask_(mask), H_(H), W_(W), C_(C), top_(top), left_(left), Wp_(Wp),
+        nchw_(nchw), buf_(Hp * Wp * C, T(0)) {
+    TORCH_INTERNAL_ASSERT(!(mask && nchw), "PaddedImage: masks are for NHWC rows");
+  }
   const T* operator()(int64_t n) {
+    static const KernelTable<T> kt = select_kernels<T>();
     if (n == n_) return buf_.data();
     n_ = n;
     for (int64_t h = 0; h < H_; ++h) {
       T* d = buf_.data() + ((h + top_) * Wp_ + left_) * C_;
+      const int64_t at = (n * H_ + h) * W_ * C_;
       if (nchw_)  // image row h of every channel -> [W, C]
         transpose(act_ + n * C_ * H_ * W_ + h * W_, H_ * W_, d, C_, C_, W_, true);
+      else if (mask_)
+        kt.masked_copy(d, act_ + at, mask_ + at, W_ * C_);
       else
-        std::memcpy(d, act_ + (n * H_ + h) * W_ * C_, W_ * C_ * sizeof(T));
+        std::memcpy(d, act_ + at, W_ * C_ * sizeof(T));
     }
     return buf_.data();
   }
 
  private:
   const T* act_;
+  const T* mask_;
   int64_t H_, W_, C_, top_, left_, Wp_;
   bool nchw_;
   std::vector<T> buf_;
@@ -251,13 +260,14 @@ struct PaddedInput {
   }
 };
 
-// y = x * W (+ bias, or nullptr), straight from padded images (PaddedInput); W's blocks are
-// transposed once ([nnz, bk, bm]) so the column kernel walks them by block row. Tiles of output
-// pixels, image by image.
+// y = x * W (+ bias, or nullptr; then ReLU if relu), straight from padded images (PaddedInput);
+// W's blocks are transposed once ([nnz, bk, bm]) so the column kernel walks them by block row.
+// Tiles of output pixels, image by image.
 template <typename T>
 at::Tensor conv_forward_direct(const at::Tensor& x, const at::Tensor& values,
                                const at::Tensor& row_offsets, const at::Tensor& col_idx,
-                               int64_t n_rows, const ConvGeometry& g, bool nchw, const T* bias) {
+                               int64_t n_rows, const ConvGeometry& g, bool nchw, const T* bias,
+                               bool relu) {
   const KernelTable<T> kt = select_kernels<T>();
   const int64_t PQ = g.P * g.Q, bm = values.size(1), bk = values.size(2);
   const int64_t tiles_per_image = (PQ + kTileRows - 1) / kTileRows;
@@ -280,6 +290,7 @@ at::Tensor conv_forward_direct(const at::Tensor& x, const at::Tensor& values,
         args.a_off = a_off.data();
         for (int64_t j = 0; j < n_rows / bm; ++j) kt.dds_columns(args, j, 0, rows);
         if (bias) add_bias_rows(out, n_rows, rows, n_rows, bias);
+        if (relu) kt.relu(out, rows * n_rows);  // the tile is still in cache
         if (nchw) transpose(out, n_rows, yp + n * n_rows * PQ + pq0, PQ, rows, n_rows, false);
       }
   });
@@ -325,11 +336,12 @@ at::Tensor conv_grad_values_direct(const at::Tensor& dy, const at::Tensor& x,
 // (h, w) at tap (r, s) receives from output pixel (h + ph - r*dh, w + pw - s*dw), a fixed offset
 // per tap, so each block column of dx (channels [cb*bk, cb*bk + bk)) is one segment listing its
 // blocks at every tap, computed once and stored: no zero fill, no im2col tile, no scatter-adds.
+// relu_mask (NHWC rows, or nullptr): dy is first zeroed where the mask is not > 0, in the copy.
 template <typename T>
 at::Tensor conv_grad_input_direct(const at::Tensor& dy, const at::Tensor& values,
                                   const at::Tensor& t_offsets, const at::Tensor& t_rows,
                                   const at::Tensor& t_perm, int64_t n_rows,
-                                  const ConvGeometry& g, bool nchw) {
+                                  const ConvGeometry& g, bool nchw, const T* relu_mask) {
   const KernelTable<T> kt = select_kernels<T>();
   const int64_t HW = g.H * g.W, bm = values.size(1), bk = values.size(2), n_cb = g.C / bk;
   // dy's padding: rows from ph - (R-1)*dh to H - 1 + ph are read (likewise columns)
@@ -358,7 +370,7 @@ at::Tensor conv_grad_input_direct(const at::Tensor& dy, const at::Tensor& values
   T* dxp = dx.data_ptr<T>();
   parallel_chunks(g.N * tiles_per_image, tiles_per_image, [&](const auto& claim) {
     std::vector<T> dx_tile(nchw ? kTileRows * g.C : 0);
-    PaddedImage<T> image(dy.data_ptr<T>(), g.P, g.Q, n_rows, top, left, Hd, Wd, nchw);
+    PaddedImage<T> image(dy.data_ptr<T>(), g.P, g.Q, n_rows, top, left, Hd, Wd, nchw, relu_mask);
     for (int64_t i0, i1; claim(i0, i1);)
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t n = i / tiles_per_image, hw0 = (i % tiles_per_image) * kTileRows;
@@ -590,20 +602,33 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
                         const at::Tensor& row_offsets, const at::Tensor& col_idx,
                         const at::Tensor& t_offsets, const at::Tensor& t_rows,
                         const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols, bool trans_w,
-                        const ConvGeometry& g, const at::Tensor& bias) {
+                        const ConvGeometry& g, const at::Tensor& bias, bool relu,
+                        const at::Tensor& relu_mask) {
   const bool nchw = a.dim() == 4;
-  const at::Tensor ac = a.contiguous();
+  at::Tensor ac = a.contiguous();
   const at::Tensor v = values.contiguous();
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "sparsekern_dds_conv_cpu", [&] {
     const int64_t vec_len = select_kernels<scalar_t>().vec_len;
+    const bool direct_grad_input = !trans_w && v.size(2) % vec_len == 0 && g.sh == 1 &&
+                                   g.sw == 1;
     if (trans_w && v.size(1) % vec_len == 0) {
       out = conv_forward_direct<scalar_t>(ac, v, row_offsets, col_idx, n_rows, g, nchw,
-                                         bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
+                                         bias.defined() ? bias.data_ptr<scalar_t>() : nullptr,
+                                         relu);
       return;
     }
-    if (!trans_w && v.size(2) % vec_len == 0 && g.sh == 1 && g.sw == 1) {  // gather form
-      out = conv_grad_input_direct<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
+    if (direct_grad_input && relu_mask.defined() && !nchw) {  // the mask folded into the copy
+      const at::Tensor m = relu_mask.contiguous();
+      out = conv_grad_input_direct<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw,
+                                             m.data_ptr<scalar_t>());
+      return;
+    }
+    if (relu_mask.defined())  // other paths: ReLU's backward as a pass of its own
+      ac = at::where(relu_mask.gt(0), ac, 0).contiguous();
+    if (direct_grad_input) {  // gather form
+      out = conv_grad_input_direct<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw,
+                                             nullptr);
     } else if (!trans_w && v.size(2) % vec_len == 0) {
       out = conv_grad_input_tiles<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
     } else if (trans_w && use_shifted_path(g)) {
@@ -612,9 +637,9 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
       out = conv_grad_input_shifted<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw);
     } else if (nchw) {  // generic path: on NHWC rows
       out = dds_conv_cpu(nchw_to_rows(ac), v, row_offsets, col_idx, t_offsets, t_rows, t_perm,
-                         n_rows, n_cols, trans_w, g, bias);
+                         n_rows, n_cols, trans_w, g, bias, relu, at::Tensor());
       out = trans_w ? rows_to_nchw(out, g.N, g.P, g.Q) : rows_to_nchw(out, g.N, g.H, g.W);
-      return;  // (the bias, if any, was added on the rows)
+      return;  // (the bias and ReLU, if any, were applied on the rows)
     } else if (trans_w) {
       const int64_t chunk = chunk_rows(g), out_rows = g.out_rows();
       out = at::empty({out_rows, n_rows}, a.options());
@@ -640,6 +665,7 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
     }
     if (bias.defined())  // the shifted and chunked forward paths: in place, no second tensor
       out.add_(nchw ? bias.view({1, -1, 1, 1}) : bias);
+    if (relu) out.relu_();
   });
   return out;
 }

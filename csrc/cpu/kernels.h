@@ -94,6 +94,10 @@ struct KernelTable {
                     bool src_in_memory);
   // dst[i] += src[i] for i < n (col2im scatter-adds, bias rows).
   void (*add)(T* dst, const T* src, int64_t n);
+  // p[i] = max(p[i], 0) for i < n (a fused ReLU on an output tile in cache; NaN stays NaN).
+  void (*relu)(T* p, int64_t n);
+  // dst[i] = mask[i] > 0 ? src[i] : 0 for i < n (ReLU's backward folded into a copy of dy).
+  void (*masked_copy)(T* dst, const T* src, const T* mask, int64_t n);
 };
 
 KernelTable<float> kernels_f32_avx512();

@@ -382,8 +382,33 @@ static void add(T* dst, const T* src, int64_t n) {
   for (; i < n; ++i) dst[i] += src[i];
 }
 
+// p[i] = max(p[i], 0), i < n; NaN stays NaN, as torch.relu.
+template <typename T>
+static void relu(T* p, int64_t n) {
+  using V = Vec<T>;
+  const typename V::type zero = V::zero();
+  int64_t i = 0;
+  for (; i + V::len <= n; i += V::len) {
+    const typename V::type v = V::load(p + i);
+    V::store(p + i, v < zero ? zero : v);
+  }
+  for (; i < n; ++i) p[i] = p[i] < T(0) ? T(0) : p[i];
+}
+
+// dst[i] = mask[i] > 0 ? src[i] : 0, i < n: ReLU's backward (threshold on its output).
+template <typename T>
+static void masked_copy(T* dst, const T* src, const T* mask, int64_t n) {
+  using V = Vec<T>;
+  const typename V::type zero = V::zero();
+  int64_t i = 0;
+  for (; i + V::len <= n; i += V::len)
+    V::store(dst + i, V::load(mask + i) > zero ? V::load(src + i) : zero);
+  for (; i < n; ++i) dst[i] = mask[i] > T(0) ? src[i] : T(0);
+}
+
 template <typename T>
 static KernelTable<T> table(const char* isa) {
   return KernelTable<T>{isa, Vec<T>::len, 8 * Vec<T>::len, &spmm<T>, &sdd<T>,
-                        &sdd_batch_major<T>, &dds_columns<T>, &transpose<T>, &add<T>};
+                        &sdd_batch_major<T>, &dds_columns<T>, &transpose<T>, &add<T>,
+                        &relu<T>, &masked_copy<T>};
 }

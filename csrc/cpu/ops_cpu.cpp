@@ -211,20 +211,25 @@ at::Tensor dds_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tens
                    const at::Tensor& col_idx, const at::Tensor& t_offsets,
                    const at::Tensor& t_rows, const at::Tensor& t_perm, int64_t n_rows,
                    int64_t n_cols, bool trans_w, at::OptionalIntArrayRef conv,
-                   const c10::optional<at::Tensor>& bias) {
+                   const c10::optional<at::Tensor>& bias, bool relu,
+                   const c10::optional<at::Tensor>& relu_mask) {
   check_bias(bias, values, n_rows, trans_w);
+  check_relu(a, trans_w, relu, relu_mask);
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor mask = relu_mask.has_value() ? *relu_mask : at::Tensor();
   if (conv.has_value() && !conv->empty()) {
     const ConvGeometry g = check_dds_conv_args(a, values, row_offsets, col_idx, t_offsets, t_rows,
                                                t_perm, n_rows, n_cols, trans_w, *conv, at::kCPU);
     return dds_conv_cpu(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows,
-                        n_cols, trans_w, g, b);
+                        n_cols, trans_w, g, b, relu, mask);
   }
   check_dds_args(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
                  trans_w, at::kCPU);
-  at::Tensor out = dds_linear_cpu(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm,
+  const at::Tensor a_in = mask.defined() ? at::where(mask.gt(0), a, 0) : a;
+  at::Tensor out = dds_linear_cpu(a_in, values, row_offsets, col_idx, t_offsets, t_rows, t_perm,
                                   n_rows, n_cols, trans_w);
-  return b.defined() ? out.add_(b) : out;  // in place: no second output tensor
+  if (b.defined()) out.add_(b);  // in place: no second output tensor
+  return relu ? out.relu_() : out;
 }
 
 at::Tensor sdd_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,

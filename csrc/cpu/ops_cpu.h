@@ -53,11 +53,15 @@ at::Tensor dds_linear_cpu(const at::Tensor& a, const at::Tensor& values,
 at::Tensor sdd_linear_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,
                           const at::Tensor& col_idx, int64_t bm, int64_t bk);
 
+// relu (trans_w only): y = max(y, 0) after the bias. relu_mask (not trans_w; a's shape and
+// layout): a is zeroed where relu_mask is not > 0 first (the backward of a fused ReLU whose
+// output is relu_mask).
 at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
                         const at::Tensor& row_offsets, const at::Tensor& col_idx,
                         const at::Tensor& t_offsets, const at::Tensor& t_rows,
                         const at::Tensor& t_perm, int64_t n_rows, int64_t n_cols, bool trans_w,
-                        const ConvGeometry& g, const at::Tensor& bias = at::Tensor());
+                        const ConvGeometry& g, const at::Tensor& bias = at::Tensor(),
+                        bool relu = false, const at::Tensor& relu_mask = at::Tensor());
 at::Tensor sdd_conv_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& row_idx,
                         const at::Tensor& col_idx, int64_t bm, int64_t bk, const ConvGeometry& g);
 

@@ -35,9 +35,11 @@ at::Tensor dds_cuda(const at::Tensor& a, const at::Tensor& values, const at::Ten
                     const at::Tensor& col_idx, const at::Tensor& t_offsets,
                     const at::Tensor& t_rows, const at::Tensor& t_perm, int64_t n_rows,
                     int64_t n_cols, bool trans_w, at::OptionalIntArrayRef conv,
-                    const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!bias.has_value(), "sparsekern: the CUDA C++ backend does not "
-                              "fuse a bias (ops.py adds it after)");
+                    const c10::optional<at::Tensor>& bias, bool relu,
+                    const c10::optional<at::Tensor>& relu_mask) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!bias.has_value() && !relu && !relu_mask.has_value(),
+                              "sparsekern: the CUDA C++ backend does not fuse a bias or a ReLU "
+                              "(ops.py applies them around it)");
   TORCH_CHECK_NOT_IMPLEMENTED(!conv.has_value() || conv->empty(),
                               "sparsekern: the CUDA C++ backend does not implement conv yet");
   TORCH_CHECK_NOT_IMPLEMENTED(trans_w, "sparsekern: the CUDA C++ backend implements only "

@@ -166,3 +166,21 @@ def test_activation_sparsity_per_call_splits_a_shared_relu():
     x = torch.tensor([[1.0, -2.0, 3.0, 0.5], [1.0, -2.0, 3.0, 0.5]])
     got = activation_sparsity(Net(), x, batch_size=1, per_call=True)
     assert got == {"relu[0]": 0.25, "relu[1]": 0.75, "own": 0.75}
+
+
+def test_activation_sparsity_sees_fused_relus():
+    """After sparsify(fuse_relu=True) the fused layers report under their own names, with the
+    fractions their former nn.ReLU modules had."""
+    import sparsekern
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 4))
+    for layer in (model[0], model[2]):
+        torch.nn.utils.prune.l1_unstructured(layer, "weight", amount=0.5)
+    x = torch.rand(64, 16)
+    before = activation_sparsity(model, x)
+    sparsekern.sparsify(model, block_size=(1, 1), fuse_relu=True)
+    after = activation_sparsity(model, x)
+    assert set(before) == {"1", "3"} and set(after) == {"0", "2"}
+    assert after["0"] == pytest.approx(before["1"]) and after["2"] == pytest.approx(before["3"])
+    assert 0 < after["0"] < 1
