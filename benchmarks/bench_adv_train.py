@@ -2,7 +2,9 @@
 CNN at 90% block sparsity vs the same CNN dense, in one process, CPU.
 
 Correctness first: the sparse model is the dense one pruned to the same mask and converted with
-sparsify, and its logits must match. Then medians of full AT steps.
+sparsify, and its logits must match. Then medians of full AT steps, round-robin over three
+models: dense, sparse (sparsify as it comes: the nn.ReLU modules stay) and sparse with
+sparsify(fuse_relu=True) (each ReLU folded into the sparse layer before it).
 
     python benchmarks/bench_adv_train.py [--batch 128] [--sparsity 0.9] [--block 32]
 
@@ -78,6 +80,9 @@ def main(argv=None):
     report = sparsekern.sparsify(dense, block_size=(args.block, args.block),
                                  include=lambda n, m: n in pruned, inplace=False)
     sparse = report.model
+    fused = sparsekern.sparsify(dense, block_size=(args.block, args.block),
+                                include=lambda n, m: n in pruned, inplace=False,
+                                fuse_relu=True).model
     for name in pruned:  # the dense baseline: a plain model with the same (masked) weights
         prune.remove(dense.get_submodule(name), "weight")
     x = torch.rand(args.batch, 3, 32, 32)
@@ -85,7 +90,7 @@ def main(argv=None):
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (args.batch,))
     with torch.no_grad():
-        err = (dense(x) - sparse(x)).abs().max().item()
+        err = max((dense(x) - m(x)).abs().max().item() for m in (sparse, fused))
     if err > 1e-3:
         raise SystemExit(f"sparse and dense logits differ by {err}")
     print(report)
@@ -96,22 +101,24 @@ def main(argv=None):
         return lambda: adversarial_step(model, x, y, opt, attack)
 
     info = machine_info()
-    steps = {"dense": at_step(dense), "sparse": at_step(sparse)}
+    steps = {"dense": at_step(dense), "sparse": at_step(sparse), "fused": at_step(fused)}
     rows = []
     for allocator in (["glibc", "retain"] if args.allocator == "both" else [args.allocator]):
         if allocator == "retain" and not sparsekern.retain_freed_cpu_memory():
             print("retain_freed_cpu_memory: not available here (not glibc); skipped")
             continue
         t = interleaved_medians_ms(steps, args.repeats)
-        t_dense, t_sparse = t["dense"], t["sparse"]
+        t_dense, t_sparse, t_fused = t["dense"], t["sparse"], t["fused"]
         row = {"model": "VGG-like CIFAR", "batch": args.batch, "format": args.format,
                "allocator": allocator, "sparsity": args.sparsity,
                "block": f"{args.block}x{args.block}", "dense_ms": t_dense, "sparse_ms": t_sparse,
-               "speedup": t_dense / t_sparse}
+               "speedup": t_dense / t_sparse, "sparse_fused_relu_ms": t_fused,
+               "speedup_fused_relu": t_dense / t_fused}
         rows.append(row)
         print(f"PGD-10 AT step, batch {args.batch} ({args.format}, malloc: {allocator}), "
               f"{args.block}x{args.block} blocks at {100 * args.sparsity:.0f}%: dense "
-              f"{t_dense:.1f} ms, sparse {t_sparse:.1f} ms, speed-up {row['speedup']:.2f}x")
+              f"{t_dense:.1f} ms, sparse {t_sparse:.1f} ms ({row['speedup']:.2f}x), sparse "
+              f"with fused ReLUs {t_fused:.1f} ms ({row['speedup_fused_relu']:.2f}x)")
     print(info)
     write_json(args.json, info, rows)
 
