@@ -237,7 +237,7 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
     if impl.fused_relu:
         fused.update(relu=relu, relu_mask=relu_mask)
     elif relu_mask is not None:  # ReLU's backward as a pass of its own
-        a = torch.where(relu_mask > 0, a, 0)
+        a = torch.ops.aten.threshold_backward(a, relu_mask, 0)
     if conv and a.dim() == 4 and not impl.nchw:
         out = impl.dds(nchw_to_rows(a), values, topo, n_rows, n_cols, trans_w, conv, **fused)
         out = rows_to_nchw(out, N, *out_hw)

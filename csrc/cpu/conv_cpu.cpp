@@ -193,18 +193,16 @@ void add_bias_rows(T* y, int64_t ld, int64_t rows, int64_t cols, const T* bias) 
 
 // The zero-padded NHWC image [Hp, Wp, C] of image n of an activation (NHWC rows or NCHW), a
 // per-thread copy refreshed when n changes; the border is zeroed once. Pixel (h, w) of the
-// image sits at ((h + top) * Wp + w + left) * C. With a mask (NHWC rows only, laid out as the
-// activation) the copy keeps act where mask > 0 and zeros elsewhere: the backward of a ReLU
-// whose output is the mask, at no extra pass over memory.
+// image sits at ((h + top) * Wp + w + left) * C. With a mask (laid out as the activation) the
+// copy keeps act where mask > 0 and zeros elsewhere: the backward of a ReLU whose output is the
+// mask, at no extra pass over memory.
 template <typename T>
 class PaddedImage {
  public:
   PaddedImage(const T* act, int64_t H, int64_t W, int64_t C, int64_t top, int64_t left,
               int64_t Hp, int64_t Wp, bool nchw, const T* mask = nullptr)
       : act_(act), mask_(mask), H_(H), W_(W), C_(C), top_(top), left_(left), Wp_(Wp),
-        nchw_(nchw), buf_(Hp * Wp * C, T(0)) {
-    TORCH_INTERNAL_ASSERT(!(mask && nchw), "PaddedImage: masks are for NHWC rows");
-  }
+        nchw_(nchw), buf_(Hp * Wp * C, T(0)), mask_row_(mask && nchw ? W * C : 0) {}
   const T* operator()(int64_t n) {
     static const KernelTable<T> kt = select_kernels<T>();
     if (n == n_) return buf_.data();
@@ -212,12 +210,18 @@ class PaddedImage {
     for (int64_t h = 0; h < H_; ++h) {
       T* d = buf_.data() + ((h + top_) * Wp_ + left_) * C_;
       const int64_t at = (n * H_ + h) * W_ * C_;
-      if (nchw_)  // image row h of every channel -> [W, C]
+      if (nchw_) {  // image row h of every channel -> [W, C]
         transpose(act_ + n * C_ * H_ * W_ + h * W_, H_ * W_, d, C_, C_, W_, true);
-      else if (mask_)
+        if (mask_) {
+          transpose(mask_ + n * C_ * H_ * W_ + h * W_, H_ * W_, mask_row_.data(), C_, C_, W_,
+                    true);
+          kt.masked_copy(d, d, mask_row_.data(), W_ * C_);
+        }
+      } else if (mask_) {
         kt.masked_copy(d, act_ + at, mask_ + at, W_ * C_);
-      else
+      } else {
         std::memcpy(d, act_ + at, W_ * C_ * sizeof(T));
+      }
     }
     return buf_.data();
   }
@@ -228,6 +232,7 @@ class PaddedImage {
   int64_t H_, W_, C_, top_, left_, Wp_;
   bool nchw_;
   std::vector<T> buf_;
+  std::vector<T> mask_row_;  // NCHW masks: one image row, transposed like the activation's
   int64_t n_ = -1;
 };
 
@@ -336,7 +341,7 @@ at::Tensor conv_grad_values_direct(const at::Tensor& dy, const at::Tensor& x,
 // (h, w) at tap (r, s) receives from output pixel (h + ph - r*dh, w + pw - s*dw), a fixed offset
 // per tap, so each block column of dx (channels [cb*bk, cb*bk + bk)) is one segment listing its
 // blocks at every tap, computed once and stored: no zero fill, no im2col tile, no scatter-adds.
-// relu_mask (NHWC rows, or nullptr): dy is first zeroed where the mask is not > 0, in the copy.
+// relu_mask (laid out as dy, or nullptr): dy is zeroed where the mask is not > 0, in the copy.
 template <typename T>
 at::Tensor conv_grad_input_direct(const at::Tensor& dy, const at::Tensor& values,
                                   const at::Tensor& t_offsets, const at::Tensor& t_rows,
@@ -618,14 +623,14 @@ at::Tensor dds_conv_cpu(const at::Tensor& a, const at::Tensor& values,
                                          relu);
       return;
     }
-    if (direct_grad_input && relu_mask.defined() && !nchw) {  // the mask folded into the copy
+    if (direct_grad_input && relu_mask.defined()) {  // the mask folded into the copy
       const at::Tensor m = relu_mask.contiguous();
       out = conv_grad_input_direct<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw,
                                              m.data_ptr<scalar_t>());
       return;
     }
     if (relu_mask.defined())  // other paths: ReLU's backward as a pass of its own
-      ac = at::where(relu_mask.gt(0), ac, 0).contiguous();
+      ac = at::threshold_backward(ac, relu_mask, 0).contiguous();
     if (direct_grad_input) {  // gather form
       out = conv_grad_input_direct<scalar_t>(ac, v, t_offsets, t_rows, t_perm, n_rows, g, nchw,
                                              nullptr);

@@ -225,7 +225,7 @@ at::Tensor dds_cpu(const at::Tensor& a, const at::Tensor& values, const at::Tens
   }
   check_dds_args(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
                  trans_w, at::kCPU);
-  const at::Tensor a_in = mask.defined() ? at::where(mask.gt(0), a, 0) : a;
+  const at::Tensor a_in = mask.defined() ? at::threshold_backward(a, mask, 0) : a;
   at::Tensor out = dds_linear_cpu(a_in, values, row_offsets, col_idx, t_offsets, t_rows, t_perm,
                                   n_rows, n_cols, trans_w);
   if (b.defined()) out.add_(b);  // in place: no second output tensor
