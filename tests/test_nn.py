@@ -385,6 +385,35 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(y_comp, dense(x), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_fused_relu_matches_eager():
+    """Fused ReLUs under torch.compile: forward, all gradients, and the input-only backward (the
+    route that hands the ReLU's output to the next product as relu_mask)."""
+    torch._dynamo.reset()
+    torch.manual_seed(16)
+    model = nn.Sequential(
+        sparsekern.SparseConv2d(4, 8, 3, padding=1, block_size=(4, 4), density=0.5,
+                                activation="relu"),
+        nn.Flatten(), SparseLinear(8 * 5 * 5, 12, block_size=(4, 4), density=0.5,
+                                   activation="relu"),
+        SparseLinear(12, 3, block_size=(3, 4), density=0.6))
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 4, 5, 5)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_eager = model(xe)
+    assert_close(y_eager, nn.Sequential(model[0].to_dense(), nn.Flatten(), model[2].to_dense(),
+                                        model[3].to_dense())(x))
+    grads_eager = torch.autograd.grad(y_eager.sum(), [xe, *model.parameters()])
+    y_comp = compiled(xc)
+    grads_comp = torch.autograd.grad(y_comp.sum(), [xc, *model.parameters()])
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_comp, grads_eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    (dx_comp,) = torch.autograd.grad(compiled(xc).sum(), [xc])
+    torch.testing.assert_close(dx_comp, grads_eager[0], rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_backward_follows_backend_scope(backend_spy, monkeypatch):
     # no compile caches: a cached graph traced under another scope would change the first half
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
