@@ -92,6 +92,24 @@ def test_sparse_linear_autograd_and_empty_batch(gen):
     assert_close(layer.bias.grad.cpu(), dense.bias.grad.cpu())
 
 
+def test_fused_relu_falls_back_around_the_kernels(gen):
+    """The Triton backend does not fuse the ReLU: ops.py applies it, and its backward, in ATen;
+    the layer still equals conv + ReLU, forward and backward (input-only route included)."""
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1).double()
+    layer = sparsekern.SparseConv2d.from_dense(conv, (16, 16), activation="relu").to(DEVICE)
+    x = torch.randn(2, 16, 5, 4, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    xd = x.detach().clone().requires_grad_()
+    with sparsekern.backend("triton"):
+        y = layer(x)
+        (dx_only,) = torch.autograd.grad(y.square().sum(), [x], retain_graph=True)
+        y.square().sum().backward()
+    expected = torch.relu(F.conv2d(xd.cpu(), conv.weight, conv.bias, padding=1))
+    expected.square().sum().backward()
+    assert_close(y.cpu(), expected.detach())
+    assert_close(x.grad.cpu(), xd.grad)
+    assert_close(dx_only.cpu(), xd.grad)
+
+
 def test_gradcheck_float64(gen):
     m = make_matrix((16, 16), "sparse", torch.float64, gen, grid=(3, 3))
     Mp, Kp = m.padded_shape
