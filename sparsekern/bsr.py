@@ -167,12 +167,15 @@ class BlockSparseMatrix:
     @classmethod
     def random(cls, shape, block_shape, density: float, dtype=torch.float32, device=None,
                generator: torch.Generator | None = None) -> "BlockSparseMatrix":
-        """round(density * n_blocks) blocks chosen uniformly, values ~ N(0, 1)."""
+        """round(density * n_blocks) blocks chosen uniformly, at least one when density > 0 (a
+        small layer at low density would otherwise silently hold no weight), values ~ N(0, 1)."""
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"density must be in [0, 1], got {density}")
         bm, bk = _pair(block_shape)
         n_br, n_bc = _ceil_div(int(shape[0]), bm), _ceil_div(int(shape[1]), bk)
         n_keep = int(round(density * n_br * n_bc))
+        if density > 0 and n_br * n_bc > 0:
+            n_keep = max(n_keep, 1)
         keep = torch.randperm(n_br * n_bc, generator=generator)[:n_keep]
         block_mask = torch.zeros(n_br * n_bc, dtype=torch.bool)
         block_mask[keep] = True

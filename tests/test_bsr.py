@@ -168,7 +168,7 @@ def test_random(shape, block_shape, density):
     m = BlockSparseMatrix.random(shape, block_shape, density, dtype=torch.float64,
                                  generator=torch.Generator().manual_seed(5))
     n_blocks = m.block_grid[0] * m.block_grid[1]
-    assert m.nnz_blocks == int(round(density * n_blocks))
+    assert m.nnz_blocks == (max(1, int(round(density * n_blocks))) if density else 0)
     assert m.values.dtype == torch.float64 and m.shape == shape
     m.validate()
     pad = ~padding_keep_mask(m)
@@ -177,6 +177,13 @@ def test_random(shape, block_shape, density):
     again = BlockSparseMatrix.random(shape, block_shape, density, dtype=torch.float64,
                                      generator=torch.Generator().manual_seed(5))
     assert torch.equal(again.values, m.values) and torch.equal(again.col_idx, m.col_idx)
+
+
+def test_random_keeps_a_block_at_low_density():
+    """2x2 blocks at density 0.1 round to 0: a layer without weights; one block is kept."""
+    m = BlockSparseMatrix.random((8, 8), (4, 4), 0.1, generator=torch.Generator().manual_seed(0))
+    assert m.nnz_blocks == 1
+    assert BlockSparseMatrix.random((8, 8), (4, 4), 0.0).nnz_blocks == 0
 
 
 def test_random_errors():
