@@ -357,9 +357,10 @@ def sparsify(model: nn.Module, block_size=(32, 32), min_sparsity: float = 0.0,
     bool restricting the candidates (e.g. to keep the first and last layers dense).
     fuse_relu: an nn.ReLU that directly follows a converted layer in an nn.Sequential is folded
     into it (activation="relu": applied in the kernels' store, its backward in the next
-    product's read) and replaced by nn.Identity, as torch.ao.quantization.fuse_modules does;
-    saves ReLU's passes over memory. Off by default: hooks on those nn.ReLU modules would no
-    longer fire (sparsekern.attacks.activation_sparsity sees fused layers).
+    product's read) and replaced by a FusedReLU placeholder (an nn.Identity, as
+    torch.ao.quantization.fuse_modules leaves); saves ReLU's passes over memory. Off by default:
+    the model's structure changes (sparsekern.attacks.activation_sparsity reports the
+    placeholders under the ReLUs' names).
     Returns a SparsifyReport (report.model is the converted model; the same object if inplace).
     The converted model computes the same function (up to float rounding).
     """
@@ -404,9 +405,15 @@ def sparsify(model: nn.Module, block_size=(32, 32), min_sparsity: float = 0.0,
     return report
 
 
+class FusedReLU(nn.Identity):
+    """Placeholder left by sparsify(fuse_relu=True) where an nn.ReLU was folded into the sparse
+    layer before it: passes its input through (already rectified). Hooks on it see the ReLU's
+    output, so per-ReLU statistics (attacks.activation_sparsity) keep their names."""
+
+
 def _fuse_relus(model: nn.Module, converted: set[str]) -> list[str]:
-    """Folds each nn.ReLU that follows a converted layer inside an nn.Sequential into that layer;
-    returns the names of the replaced ReLUs."""
+    """Folds each nn.ReLU that follows a converted layer inside an nn.Sequential into that layer
+    (leaving a FusedReLU placeholder); returns the names of the replaced ReLUs."""
     fused = []
     for seq_name, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
@@ -418,6 +425,7 @@ def _fuse_relus(model: nn.Module, converted: set[str]) -> list[str]:
             if (layer_name in converted and type(act) is nn.ReLU
                     and getattr(layer, "activation", None) is None):
                 layer.activation = "relu"
-                seq._modules[second] = nn.Identity()
+                layer.relu_placeholder = second  # its output is seen at the placeholder
+                seq._modules[second] = FusedReLU()
                 fused.append(f"{seq_name}.{second}" if seq_name else second)
     return fused

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from sparsekern import SparseConv2d, SparseLinear, SparsifyReport, sparsify
+from sparsekern.nn import FusedReLU
 from conftest import assert_close, oracle_blocks, seeded_generator
 
 LENET_LAYERS = ["features.0", "features.3", "classifier.0", "classifier.2", "classifier.4"]
@@ -402,7 +403,7 @@ def test_torch_ao_pruning_convert_with_sparse_conv_mapping():
 
 # ---- fuse_relu -----------------------------------------------------------------------------------
 def test_fuse_relu_folds_relus_after_converted_layers():
-    """Every nn.ReLU right after a converted layer in an nn.Sequential becomes nn.Identity and
+    """Every nn.ReLU right after a converted layer in an nn.Sequential becomes a FusedReLU and
     the layer gets activation="relu"; the model's outputs and gradients do not change. ReLUs
     after a layer left dense stay."""
     x, g = _x(3, 1, 28, 28), _x(3, 10, key="g")
@@ -416,7 +417,7 @@ def test_fuse_relu_folds_relus_after_converted_layers():
     assert "ReLU fused into the layer before it" in str(report)
     for relu, layer in (("features.1", "features.0"), ("features.4", "features.3"),
                         ("classifier.1", "classifier.0")):
-        assert type(model.get_submodule(relu)) is nn.Identity
+        assert type(model.get_submodule(relu)) is FusedReLU
         assert model.get_submodule(layer).activation == "relu"
         assert "activation='relu'" in repr(model.get_submodule(layer))
     assert type(model.classifier[3]) is nn.ReLU

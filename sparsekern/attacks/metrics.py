@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from sparsekern.attacks.base import model_mode
+from sparsekern.nn import FusedReLU
 
 
 def _check_batch(batch_size: int, x: Tensor | None = None, y: Tensor | None = None) -> int:
@@ -105,9 +106,10 @@ def activation_sparsity(model: nn.Module, x: Tensor, batch_size: int = 256,
     """Per-layer activation sparsity: {name of each nn.ReLU submodule: fraction of its output
     elements that are exactly zero}, over all of x [N, ...] (model in eval mode).
 
-    nn.ReLU modules (and subclasses) are seen, and sparse layers with a fused ReLU
-    (activation="relu", see sparsify's fuse_relu) under the layer's name, through forward hooks
-    that are removed afterwards, also on exception. Functional relu (torch.relu, F.relu) calls are invisible and
+    nn.ReLU modules (and subclasses) are seen, the FusedReLU placeholders sparsify(fuse_relu=True)
+    leaves in their place (same names), and sparse layers built with activation="relu" (under
+    the layer's name), through forward hooks that are removed afterwards, also on exception.
+    Functional relu (torch.relu, F.relu) calls are invisible and
     out of scope. A ReLU module called several times in one forward accumulates over its calls,
     or with per_call=True gets one entry per call, "name[0]", "name[1]", ... in call order (one
     nn.ReLU shared by several layers, as in LeNet-300-100). ReLUs that never run are left out.
@@ -128,7 +130,9 @@ def activation_sparsity(model: nn.Module, x: Tensor, batch_size: int = 256,
     handles = [model.register_forward_pre_hook(lambda *_: calls.clear())]
     try:
         for name, module in model.named_modules():
-            if isinstance(module, nn.ReLU) or getattr(module, "activation", None) == "relu":
+            if isinstance(module, (nn.ReLU, FusedReLU)) or (
+                    getattr(module, "activation", None) == "relu"
+                    and not getattr(module, "relu_placeholder", None)):
                 handles.append(module.register_forward_hook(make_hook(name)))
         with model_mode(model, False):
             for i in range(0, x.shape[0], batch_size):

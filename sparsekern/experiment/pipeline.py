@@ -175,13 +175,15 @@ class Pruning:
             self.gradual.step(max(self.step, self.gradual.end_step))  # the final sparsity
 
     def sparsify(self, model: nn.Module | None = None) -> list[str]:
-        """Converts the pruned layers to SparseLinear / SparseConv2d; returns a note per pruned
-        layer that could not be converted (it stays a masked dense layer)."""
+        """Converts the pruned layers to SparseLinear / SparseConv2d, each nn.ReLU right after
+        one folded into it (same numbers, fewer passes over memory; activation sparsity keeps
+        the ReLUs' names); returns a note per pruned layer that could not be converted (it stays
+        a masked dense layer)."""
         if not self.layers:
             return []
         names = set(self.layers)
         report = sparsekern.sparsify(model or self.model, block_size=self.block,
-                                     include=lambda n, m: n in names)
+                                     include=lambda n, m: n in names, fuse_relu=True)
         return [f"{e.name}: {e.reason}" for e in report.entries
                 if e.name in names and not e.converted]
 

@@ -169,8 +169,9 @@ def test_activation_sparsity_per_call_splits_a_shared_relu():
 
 
 def test_activation_sparsity_sees_fused_relus():
-    """After sparsify(fuse_relu=True) the fused layers report under their own names, with the
-    fractions their former nn.ReLU modules had."""
+    """After sparsify(fuse_relu=True) the FusedReLU placeholders report under the names the
+    nn.ReLU modules had, with the same fractions; a layer built with activation="relu" reports
+    under its own name."""
     import sparsekern
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
@@ -181,6 +182,9 @@ def test_activation_sparsity_sees_fused_relus():
     before = activation_sparsity(model, x)
     sparsekern.sparsify(model, block_size=(1, 1), fuse_relu=True)
     after = activation_sparsity(model, x)
-    assert set(before) == {"1", "3"} and set(after) == {"0", "2"}
-    assert after["0"] == pytest.approx(before["1"]) and after["2"] == pytest.approx(before["3"])
-    assert 0 < after["0"] < 1
+    assert set(before) == set(after) == {"1", "3"}
+    assert after["1"] == pytest.approx(before["1"]) and after["3"] == pytest.approx(before["3"])
+    assert 0 < after["1"] < 1
+    built = nn.Sequential(sparsekern.SparseLinear(16, 32, block_size=4, density=0.5,
+                                                  activation="relu"), nn.Linear(32, 4))
+    assert set(activation_sparsity(built, x)) == {"0"}
