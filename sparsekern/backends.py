@@ -166,13 +166,29 @@ _warned_fallback = False
 
 def select(op: str, requested: str, a: Tensor, dtype: torch.dtype, trans_w: bool = True,
            conv: bool = False, block: tuple[int, int] | None = None) -> Backend:
-    global _warned_fallback
     name = resolve_name(requested)
     if name != "auto":
         reason = BACKENDS[name].refuse(op, a, dtype, trans_w, conv, block)
         if reason is not None:
             raise RuntimeError(f"sparsekern backend {name!r} cannot run {op}: {reason}")
         return BACKENDS[name]
+    return select_auto(op, a, dtype, trans_w, conv, block)
+
+
+def select_for_backward(name: str, op: str, a: Tensor, dtype: torch.dtype, trans_w: bool,
+                        conv: bool, block: tuple[int, int] | None) -> str:
+    """The backend a backward product runs on: the one its forward ran on (`name`, already
+    resolved), unless that one cannot run this product (the CUDA C++ backend has only the
+    forward x @ W^T so far); then "auto"'s choice, whatever scope is active."""
+    if name == "auto" or BACKENDS[name].refuse(op, a, dtype, trans_w, conv, block) is None:
+        return name
+    return select_auto(op, a, dtype, trans_w, conv, block).name
+
+
+def select_auto(op: str, a: Tensor, dtype: torch.dtype, trans_w: bool = True,
+                conv: bool = False, block: tuple[int, int] | None = None) -> Backend:
+    """The first backend of AUTO_ORDER that accepts (scopes are not consulted)."""
+    global _warned_fallback
     reasons = []
     for candidate in AUTO_ORDER:
         devices = BACKENDS[candidate].auto_devices

@@ -384,15 +384,19 @@ def _dds_backward(ctx, grad):
             mask = extra
     if ctx.masked:  # forward was (a * [extra > 0]) @ W
         a = torch.where(extra > 0, a, 0)
+    bm, bk = values.shape[1], values.shape[2]
     if want_a:
-        grad_a = dds_call(grad, values, *topo, n_rows, n_cols, not trans_w, backend, ctx.conv,
+        name = backends.select_for_backward(backend, "dds", grad, values.dtype, not trans_w,
+                                            bool(ctx.conv), (bm, bk))
+        grad_a = dds_call(grad, values, *topo, n_rows, n_cols, not trans_w, name, ctx.conv,
                           None, False, mask)
         if ctx.masked:
             grad_a = torch.where(extra > 0, grad_a, 0)
     if want_values:
-        bm, bk = values.shape[1], values.shape[2]
         left, right = (grad, a) if trans_w else (a, grad)
-        grad_values = sdd_call(left, right, *topo, bm, bk, backend, ctx.conv)
+        name = backends.select_for_backward(backend, "sdd", left, left.dtype, True,
+                                            bool(ctx.conv), (bm, bk))
+        grad_values = sdd_call(left, right, *topo, bm, bk, name, ctx.conv)
     # bias: summed over rows, or over images and pixels (NCHW). (Callers that leave the bias
     # out may get input flags fewer.)
     if want_bias:
@@ -416,9 +420,13 @@ def _sdd_backward(ctx, grad):
     n_cols = conv[4] * conv[5] * conv[3] if conv else b.shape[1]  # R*S*C for conv
     grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_a = dds_call(b, grad, *topo, n_rows, n_cols, True, backend, conv)
+        name = backends.select_for_backward(backend, "dds", b, grad.dtype, True, bool(conv),
+                                            (bm, bk))
+        grad_a = dds_call(b, grad, *topo, n_rows, n_cols, True, name, conv)
     if ctx.needs_input_grad[1]:
-        grad_b = dds_call(a, grad, *topo, n_rows, n_cols, False, backend, conv)
+        name = backends.select_for_backward(backend, "dds", a, grad.dtype, False, bool(conv),
+                                            (bm, bk))
+        grad_b = dds_call(a, grad, *topo, n_rows, n_cols, False, name, conv)
     return (grad_a, grad_b) + (None,) * 10
 
 

@@ -131,6 +131,33 @@ def test_auto_backend_uses_cpu_kernels_for_cpu_tensors(backend_spy, gen):
     assert_close(y, oracle_dds(x, m.values, m.row_offsets, m.col_idx, Mp, Kp, True))
 
 
+def test_forced_forward_only_backend_leaves_the_backward_to_auto(monkeypatch, gen):
+    """A backend forced by scope that has only the forward product (as the CUDA C++ one): the
+    backward products it refuses run on "auto"'s choice, even inside the scope."""
+    from sparsekern import backends
+
+    class ForwardOnly(backends.Reference):
+        name = "forward-only"
+
+        def refuse(self, op, a, dtype, trans_w, conv, block=None):
+            return None if op == "dds" and trans_w else "forward x @ W^T only"
+
+    monkeypatch.setitem(backends.BACKENDS, "forward-only", ForwardOnly())
+    m = make_matrix((4, 4), "sparse", torch.float64, grid=(3, 4))
+    Mp, Kp, _, _ = _sizes(m)
+    topo = m.topology()
+    x = randn(5, Kp, generator=gen).requires_grad_()
+    values = m.values.clone().requires_grad_()
+    with sparsekern.backend("forward-only"):
+        y = ops.dds_call(x, values, *topo, Mp, Kp, True)
+        grads = torch.autograd.grad(y.square().sum(), [x, values])
+        with pytest.raises(RuntimeError, match="forward-only.*forward x @ W"):
+            ops.dds(y.detach(), values, *topo, Mp, Kp, False)  # forcing still forces forwards
+    y_ref = ops.dds(x, values, *topo, Mp, Kp, True, "reference")
+    for g, r in zip(grads, torch.autograd.grad(y_ref.square().sum(), [x, values])):
+        assert_close(g, r)
+
+
 def test_auto_backend_falls_back_to_reference_for_other_dtypes(backend_spy, gen):
     m = make_matrix((4, 4), "sparse", torch.float16)
     Mp, Kp, _, _ = _sizes(m)
