@@ -239,6 +239,8 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
     elif relu_mask is not None:  # ReLU's backward as a pass of its own
         a = torch.ops.aten.threshold_backward(a, relu_mask, 0)
     if conv and a.dim() == 4 and not impl.nchw:
+        if fused.get("relu_mask") is not None:  # read alongside a: the same rows
+            fused["relu_mask"] = nchw_to_rows(fused["relu_mask"])
         out = impl.dds(nchw_to_rows(a), values, topo, n_rows, n_cols, trans_w, conv, **fused)
         out = rows_to_nchw(out, N, *out_hw)
     else:

@@ -58,6 +58,8 @@ def _ops():
 class TritonBackend(backends.Backend):
     name = "triton"
     auto_devices = ("cuda",)
+    fused_bias = True  # dds_nt's epilogue
+    fused_relu = True  # dds_nt's epilogue, dds_nn's loads
 
     def refuse(self, op, a, dtype, trans_w, conv, block=None):
         if a.device.type == "cpu" and not interpreting():
@@ -75,11 +77,12 @@ class TritonBackend(backends.Backend):
 
     # Eager calls the launchers directly (the op dispatch costs more host time than a small
     # kernel); traced code goes through the triton_ops, which torch.compile understands.
-    def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None):
+    def dds(self, a, values, topo, n_rows, n_cols, trans_w, conv=None, bias=None, relu=False,
+            relu_mask=None):
         row_offsets, col_idx, _, t_offsets, t_rows, t_perm = topo
         fn = torch.ops.sparsekern.triton_dds if torch.compiler.is_compiling() else _ops().dds
         return fn(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-                  trans_w, _float32_precision, conv)
+                  trans_w, _float32_precision, conv, bias, relu, relu_mask)
 
     def sdd(self, a, b, topo, bm, bk, conv=None):
         _, col_idx, row_idx, _, _, _ = topo

@@ -43,12 +43,12 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr,
+def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr, bias_ptr,
                   n_out, stride_a, stride_out,
                   H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
                   IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr):
+                  UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
     pid_r = tl.program_id(0)
     i = tl.program_id(1)  # block row of W = block of output features
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -68,17 +68,21 @@ def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr,
         w = tl.load(w_ptrs)
         w_ptrs += BM * BK
         acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
+    if HAS_BIAS:  # the epilogue: no extra pass over the output
+        acc += tl.load(bias_ptr + i * BM + offs_m).to(ACC_DTYPE)[None, :]
+    if RELU:
+        acc = tl.where(acc < 0, tl.zeros_like(acc), acc)  # NaN stays NaN, as torch.relu
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + (i * BM + offs_m)[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < n_out)[:, None])
 
 
 @triton.jit
-def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_ptr,
+def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_ptr, mask_ptr,
                   n_out, stride_a, stride_out,
                   H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw,
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
                   IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr):
+                  UPCAST: tl.constexpr, HAS_MASK: tl.constexpr):
     pid_r = tl.program_id(0)
     cb = tl.program_id(1)  # block of output columns (of input channels, for conv)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows: input pixels for conv
@@ -109,8 +113,11 @@ def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_
         for t in range(start, end):
             blk = tl.load(t_perm_ptr + t).to(tl.int64)
             row0 = tl.load(t_rows_ptr + t) * BM
-            g = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_a + (row0 + offs_m)[None, :],
-                        mask=ok[:, None], other=0.0)
+            at = src.to(tl.int64)[:, None] * stride_a + (row0 + offs_m)[None, :]
+            g = tl.load(a_ptr + at, mask=ok[:, None], other=0.0)
+            if HAS_MASK:  # a fused ReLU's backward: mask_ptr holds its output, laid out as a
+                g = tl.where(tl.load(mask_ptr + at, mask=ok[:, None], other=0.0) > 0, g,
+                             tl.zeros_like(g))
             wv = tl.load(values_ptr + blk * (BM * BK) + offs_m[:, None] * BK + offs_k[None, :])
             acc = _dot(g, wv, acc, PRECISION, UPCAST)
     out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + (cb * BK + offs_k)[None, :]

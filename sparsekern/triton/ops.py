@@ -2,11 +2,13 @@
 sees the kernels), and the autotuning configurations.
 
     torch.ops.sparsekern.triton_dds(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm,
-                                    n_rows, n_cols, trans_w, precision, conv) -> Tensor
+                                    n_rows, n_cols, trans_w, precision, conv, bias, relu,
+                                    relu_mask) -> Tensor
     torch.ops.sparsekern.triton_sdd(a, b, row_idx, col_idx, bm, bk, precision, conv) -> Tensor
 
 Arguments are the ops.py ones, already checked there; ``precision`` is the float32 dot mode
-("tf32" or "ieee").
+("tf32" or "ieee"). bias and relu (trans_w=True) are applied in dds_nt's epilogue, relu_mask
+(trans_w=False, a's shape) in dds_nn's loads of a.
 """
 from __future__ import annotations
 
@@ -83,9 +85,12 @@ def _unit_stride(t: Tensor) -> Tensor:
 
 def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, t_offsets: Tensor,
         t_rows: Tensor, t_perm: Tensor, n_rows: int, n_cols: int, trans_w: bool, precision: str,
-        conv: Optional[list[int]] = None) -> Tensor:
+        conv: Optional[list[int]] = None, bias: Optional[Tensor] = None, relu: bool = False,
+        relu_mask: Optional[Tensor] = None) -> Tensor:
     """The launcher behind sparsekern::triton_dds (eager callers may call it directly)."""
     a = _unit_stride(a)
+    if relu_mask is not None and relu_mask.stride() != a.stride():  # read with a's offsets
+        relu_mask = torch.empty_like(a).copy_(relu_mask)
     values = values.contiguous()
     _, bm, bk = values.shape
     is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, n_cols)
@@ -98,16 +103,20 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, t_offse
         if out.numel() == 0:
             return out
         grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]), n_rows // bm)  # noqa: E731
-        _launch(dds_nt, grid, a, values, row_offsets, col_idx, out, n_out, a.stride(0),
-                out.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw, **common)
+        _launch(dds_nt, grid, a, values, row_offsets, col_idx, out,
+                bias.contiguous() if bias is not None else out, n_out, a.stride(0),
+                out.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
+                HAS_BIAS=bias is not None, RELU=relu, **common)
         return out
     n_out = conv[0] * H * W if conv else a.shape[0]  # dx [N*H*W, C] or a @ W [B, n_cols]
     out = a.new_empty(n_out, C)
     if out.numel() == 0:
         return out
     grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]), C // bk)  # noqa: E731
-    _launch(dds_nn, grid, a, values, t_offsets, t_rows, t_perm, out, n_out, a.stride(0),
-            out.stride(0), H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw, **common)
+    _launch(dds_nn, grid, a, values, t_offsets, t_rows, t_perm, out,
+            relu_mask if relu_mask is not None else a, n_out, a.stride(0), out.stride(0),
+            H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw, HAS_MASK=relu_mask is not None,
+            **common)
     return out
 
 
@@ -147,7 +156,7 @@ triton_sdd = triton_op("sparsekern::triton_sdd", sdd, mutates_args=())
 # interpreter would execute the kernels on fake tensors.
 @triton_dds.register_fake
 def _triton_dds_fake(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-                     trans_w, precision, conv=None):
+                     trans_w, precision, conv=None, bias=None, relu=False, relu_mask=None):
     return a.new_empty(dds_out_shape(a, n_rows, n_cols, trans_w, conv))
 
 

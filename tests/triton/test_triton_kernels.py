@@ -92,12 +92,16 @@ def test_sparse_linear_autograd_and_empty_batch(gen):
     assert_close(layer.bias.grad.cpu(), dense.bias.grad.cpu())
 
 
-def test_fused_relu_falls_back_around_the_kernels(gen):
-    """The Triton backend does not fuse the ReLU: ops.py applies it, and its backward, in ATen;
-    the layer still equals conv + ReLU, forward and backward (input-only route included)."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
+def test_fused_bias_and_relu(channels_last, gen):
+    """Bias and ReLU in dds_nt's epilogue, the ReLU's backward in dds_nn's loads: the layer
+    equals conv + ReLU, forward and backward (the input-only route included)."""
     conv = torch.nn.Conv2d(16, 16, 3, padding=1).double()
     layer = sparsekern.SparseConv2d.from_dense(conv, (16, 16), activation="relu").to(DEVICE)
-    x = torch.randn(2, 16, 5, 4, generator=gen, dtype=torch.float64).to(DEVICE).requires_grad_()
+    x = torch.randn(2, 16, 5, 4, generator=gen, dtype=torch.float64).to(DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     xd = x.detach().clone().requires_grad_()
     with sparsekern.backend("triton"):
         y = layer(x)
@@ -108,6 +112,24 @@ def test_fused_relu_falls_back_around_the_kernels(gen):
     assert_close(y.cpu(), expected.detach())
     assert_close(x.grad.cpu(), xd.grad)
     assert_close(dx_only.cpu(), xd.grad)
+    assert_close(layer.bias.grad.cpu(), conv.bias.grad)
+
+
+def test_fused_relu_linear_matches_oracle(gen):
+    m = make_matrix((16, 16), "sparse", torch.float64, gen, grid=(3, 3))
+    Mp, Kp = m.padded_shape
+    topo = [t.to(DEVICE) for t in m.topology()]
+    x = randn(7, Kp, generator=gen).to(DEVICE)
+    bias = randn(Mp, generator=gen).to(DEVICE)
+    v = m.values.to(DEVICE)
+    y = ops.dds(x, v, *topo, Mp, Kp, True, "triton", None, bias, True)
+    y_ref = (oracle_dds(x.cpu(), m.values, m.row_offsets, m.col_idx, Mp, Kp, True)
+             + bias.cpu()).relu()
+    assert_close(y.cpu(), y_ref)
+    dy = randn(7, Mp, generator=gen).to(DEVICE)
+    dx = ops.dds(dy, v, *topo, Mp, Kp, False, "triton", None, None, False, y)
+    assert_close(dx.cpu(), oracle_dds(torch.where(y_ref > 0, dy.cpu(), 0), m.values,
+                                      m.row_offsets, m.col_idx, Mp, Kp, False))
 
 
 def test_gradcheck_float64(gen):
