@@ -357,8 +357,7 @@ def _sdd_fake(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm
 
 # ---- autograd, once, over the primitives ---------------------------------------------------------
 def _dds_setup_context(ctx, inputs, output):
-    a, values, *topo, n_rows, n_cols, trans_w, backend, conv, bias = inputs[:14]
-    relu, relu_mask = (tuple(inputs[14:]) + (False, None))[:2]
+    a, values, *topo, n_rows, n_cols, trans_w, backend, conv, bias, relu, relu_mask = inputs
     # A fused ReLU's backward needs its output; a masked product, its mask.
     extra = (output,) if relu else (relu_mask,) if relu_mask is not None else ()
     ctx.save_for_backward(a, values, *topo, *extra)
@@ -385,7 +384,7 @@ def _dds_backward(ctx, grad):
         else:  # input grad only (an attack step): folded into the kernel's copy of grad
             mask = extra
     if ctx.masked:  # forward was (a * [extra > 0]) @ W
-        a = torch.where(extra > 0, a, 0)
+        a = torch.ops.aten.threshold_backward(a, extra, 0)
     bm, bk = values.shape[1], values.shape[2]
     if want_a:
         name = backends.select_for_backward(backend, "dds", grad, values.dtype, not trans_w,
@@ -393,7 +392,7 @@ def _dds_backward(ctx, grad):
         grad_a = dds_call(grad, values, *topo, n_rows, n_cols, not trans_w, name, ctx.conv,
                           None, False, mask)
         if ctx.masked:
-            grad_a = torch.where(extra > 0, grad_a, 0)
+            grad_a = torch.ops.aten.threshold_backward(grad_a, extra, 0)
     if want_values:
         left, right = (grad, a) if trans_w else (a, grad)
         name = backends.select_for_backward(backend, "sdd", left, left.dtype, True,

@@ -365,13 +365,10 @@ def test_layer_backend_argument(backend_spy):
 
 
 # ---- torch.compile -------------------------------------------------------------------------------
-def test_torch_compile_fullgraph_matches_eager():
-    torch._dynamo.reset()
-    torch.manual_seed(15)
-    model = nn.Sequential(SparseLinear(20, 12, block_size=(4, 4), density=0.5), nn.ReLU(),
-                          SparseLinear(12, 7, block_size=(3, 5), density=0.6))
+def _compiled_matches_eager(model, x):
+    """torch.compile(model, fullgraph=True) against eager: output and the gradients of x and of
+    every parameter. Returns (compiled output, eager gradients)."""
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(5, 20)
     xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_eager = model(xe)
     grads_eager = torch.autograd.grad(y_eager.sum(), [xe, *model.parameters()])
@@ -380,6 +377,16 @@ def test_torch_compile_fullgraph_matches_eager():
     torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_comp, grads_eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    return y_comp, grads_eager
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(15)
+    model = nn.Sequential(SparseLinear(20, 12, block_size=(4, 4), density=0.5), nn.ReLU(),
+                          SparseLinear(12, 7, block_size=(3, 5), density=0.6))
+    x = torch.randn(5, 20)
+    y_comp, _ = _compiled_matches_eager(model, x)
     # and both against the dense layers
     dense = nn.Sequential(model[0].to_dense(), nn.ReLU(), model[2].to_dense())
     torch.testing.assert_close(y_comp, dense(x), rtol=1e-5, atol=1e-5)
@@ -396,21 +403,14 @@ def test_torch_compile_fused_relu_matches_eager():
         nn.Flatten(), SparseLinear(8 * 5 * 5, 12, block_size=(4, 4), density=0.5,
                                    activation="relu"),
         SparseLinear(12, 3, block_size=(3, 4), density=0.6))
-    compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(2, 4, 5, 5)
-    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y_eager = model(xe)
-    assert_close(y_eager, nn.Sequential(model[0].to_dense(), nn.Flatten(), model[2].to_dense(),
-                                        model[3].to_dense())(x))
-    grads_eager = torch.autograd.grad(y_eager.sum(), [xe, *model.parameters()])
-    y_comp = compiled(xc)
-    grads_comp = torch.autograd.grad(y_comp.sum(), [xc, *model.parameters()])
-    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads_comp, grads_eager):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    y_comp, grads_eager = _compiled_matches_eager(model, x)
+    assert_close(y_comp, nn.Sequential(model[0].to_dense(), nn.Flatten(), model[2].to_dense(),
+                                       model[3].to_dense())(x))
     for p in model.parameters():
         p.requires_grad_(False)
-    (dx_comp,) = torch.autograd.grad(compiled(xc).sum(), [xc])
+    xc = x.clone().requires_grad_()
+    (dx_comp,) = torch.autograd.grad(torch.compile(model, fullgraph=True)(xc).sum(), [xc])
     torch.testing.assert_close(dx_comp, grads_eager[0], rtol=1e-5, atol=1e-5)
 
 
