@@ -4,7 +4,8 @@ Linear is the conv with a 1x1 "image": N = batch, H = W = P = Q = 1, R = S = 1, 
 each kernel carries the implicit-GEMM indexing under the constexpr IS_CONV and the linear
 instance compiles without it. Shapes (see sparsekern/ops.py):
 
-    dds_nt  y [N*P*Q, Mp] = im2col(x) @ W^T   one program: BLOCK_R output rows x one block row
+    dds_nt  y [N*P*Q, Mp] = im2col(x) @ W^T   one program: TILES x BLOCK_R output rows x one
+                                              block row
     dds_nn  dx [N*H*W, C] = col2im(dy @ W)    one program: BLOCK_R input rows x one block column
                                               of one filter tap (gathers dy, no atomics)
     sdd     dW [nnz, BM, BK] = dy^T @ im2col(x) on the stored blocks; one program per block and
@@ -47,33 +48,77 @@ def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr, bias
                   n_out, stride_a, stride_out,
                   H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
+                  TILES: tl.constexpr, SWAP: tl.constexpr,
                   IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+    """One program: TILES consecutive tiles of BLOCK_R output rows x block row i of W.
+    TILES > 1 runs one flat loop over (tile, stored block) pairs, so the software pipeline
+    carries on from one tile into the next instead of filling again for every ~nnz/row blocks.
+    SWAP accumulates the transposed tile, W_blk @ x^T ([BM, BLOCK_R]): the MMA's N dimension is
+    then the rows, not the block height (wider MMA instructions for 32/64-row blocks)."""
     pid_r = tl.program_id(0)
     i = tl.program_id(1)  # block row of W = block of output features
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_m = tl.arange(0, BM)
     offs_k = tl.arange(0, BK)
-    acc = tl.zeros((BLOCK_R, BM), dtype=ACC_DTYPE)
+    first = pid_r * (TILES * BLOCK_R)  # first output row of this program
     start = tl.load(row_offsets_ptr + i)
-    end = tl.load(row_offsets_ptr + i + 1)
-    w_ptrs = values_ptr + start.to(tl.int64) * (BM * BK) + offs_m[:, None] * BK + offs_k[None, :]
-    for p in range(start, end):
-        col0 = tl.load(col_idx_ptr + p).to(tl.int64) * BK  # first column in [0, R*S*C)
+    nblk = tl.load(row_offsets_ptr + i + 1) - start
+    if SWAP:
+        acc = tl.zeros((BM, BLOCK_R), dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros((BLOCK_R, BM), dtype=ACC_DTYPE)
+    if TILES == 1:
+        n_iter = nblk
+        per_tile = nblk
+    else:  # an empty block row still takes one (masked) step per tile, to store its epilogue
+        per_tile = tl.maximum(nblk, 1)
+        n_iter = tl.minimum(TILES, tl.cdiv(n_out - first, BLOCK_R)) * per_tile
+    for it in range(n_iter):
+        t = it // per_tile
+        p = start + it - t * per_tile  # stored block (CSR position)
+        has = p < start + nblk
+        rows = first + t * BLOCK_R + tl.arange(0, BLOCK_R)
+        col0 = tl.load(col_idx_ptr + p, mask=has, other=0).to(tl.int64) * BK  # in [0, R*S*C)
         tap = col0 // C
         src, ok = _conv_source_rows(rows, n_out, P, Q, H, W, tap // S, tap % S, sh, sw, ph, pw,
                                     dh, dw, IS_CONV)
         x = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_a + (col0 % C + offs_k)[None, :],
-                    mask=ok[:, None], other=0.0)
-        w = tl.load(w_ptrs)
-        w_ptrs += BM * BK
-        acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
-    if HAS_BIAS:  # the epilogue: no extra pass over the output
-        acc += tl.load(bias_ptr + i * BM + offs_m).to(ACC_DTYPE)[None, :]
+                    mask=(ok & has)[:, None], other=0.0)
+        w = tl.load(values_ptr + p.to(tl.int64) * (BM * BK) + offs_m[:, None] * BK
+                    + offs_k[None, :], mask=has, other=0.0)
+        if SWAP:
+            acc = _dot(w, tl.trans(x), acc, PRECISION, UPCAST)
+        else:
+            acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
+        if TILES > 1:
+            if it - t * per_tile == per_tile - 1:  # last block of this tile
+                _nt_epilogue(acc, out_ptr, bias_ptr, rows, n_out, stride_out, i, offs_m, BM,
+                             ACC_DTYPE, HAS_BIAS, RELU, SWAP)
+                acc = tl.zeros_like(acc)
+    if TILES == 1:
+        _nt_epilogue(acc, out_ptr, bias_ptr, first + tl.arange(0, BLOCK_R), n_out, stride_out, i,
+                     offs_m, BM, ACC_DTYPE, HAS_BIAS, RELU, SWAP)
+
+
+@triton.jit
+def _nt_epilogue(acc, out_ptr, bias_ptr, rows, n_out, stride_out, i, offs_m, BM: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                 SWAP: tl.constexpr):
+    """Bias, ReLU and the store of one output tile: no extra pass over the output."""
+    cols = i * BM + offs_m
+    if SWAP:  # acc [BM, BLOCK_R]: stored through transposed pointers
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(ACC_DTYPE)[:, None]
+        out = out_ptr + rows.to(tl.int64)[None, :] * stride_out + cols[:, None]
+        row_ok = (rows < n_out)[None, :]
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols).to(ACC_DTYPE)[None, :]
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :]
+        row_ok = (rows < n_out)[:, None]
     if RELU:
         acc = tl.where(acc < 0, tl.zeros_like(acc), acc)  # NaN stays NaN, as torch.relu
-    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + (i * BM + offs_m)[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows < n_out)[:, None])
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
@@ -81,15 +126,20 @@ def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_
                   n_out, stride_a, stride_out,
                   H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw,
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
+                  SWAP: tl.constexpr,
                   IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, HAS_MASK: tl.constexpr):
+    """SWAP accumulates the transposed tile W_blk^T @ dy^T ([BK, BLOCK_R]), as in dds_nt."""
     pid_r = tl.program_id(0)
     cb = tl.program_id(1)  # block of output columns (of input channels, for conv)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows: input pixels for conv
     row_ok = rows < n_out
     offs_m = tl.arange(0, BM)
     offs_k = tl.arange(0, BK)
-    acc = tl.zeros((BLOCK_R, BK), dtype=ACC_DTYPE)
+    if SWAP:
+        acc = tl.zeros((BK, BLOCK_R), dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros((BLOCK_R, BK), dtype=ACC_DTYPE)
     if IS_CONV:
         n = rows // (H * W)
         h = (rows % (H * W)) // W
@@ -119,9 +169,16 @@ def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_
                 g = tl.where(tl.load(mask_ptr + at, mask=ok[:, None], other=0.0) > 0, g,
                              tl.zeros_like(g))
             wv = tl.load(values_ptr + blk * (BM * BK) + offs_m[:, None] * BK + offs_k[None, :])
-            acc = _dot(g, wv, acc, PRECISION, UPCAST)
-    out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + (cb * BK + offs_k)[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            if SWAP:
+                acc = _dot(tl.trans(wv), tl.trans(g), acc, PRECISION, UPCAST)
+            else:
+                acc = _dot(g, wv, acc, PRECISION, UPCAST)
+    if SWAP:
+        out = out_ptr + rows.to(tl.int64)[None, :] * stride_out + (cb * BK + offs_k)[:, None]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])
+    else:
+        out = out_ptr + rows.to(tl.int64)[:, None] * stride_out + (cb * BK + offs_k)[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit

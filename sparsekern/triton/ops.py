@@ -12,6 +12,7 @@ Arguments are the ops.py ones, already checked there; ``precision`` is the float
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional
 
@@ -24,34 +25,72 @@ from sparsekern.ops import dds_out_shape
 from sparsekern.triton import interpreting, kernels
 
 
-def _prune_large_tiles(configs, named_args, **kwargs):
-    # An fp32 accumulator of BLOCK_R x 128 with BLOCK_R = 256 does not fit in registers.
-    def arg(name):
-        return kwargs.get(name, named_args.get(name, 16))
+def _prune(configs, named_args, **kwargs):
+    """Drop candidates that cannot pay off for this shape: an fp32 accumulator of BLOCK_R x 128
+    with BLOCK_R = 256 does not fit in registers; TILES row tiles per program need that many
+    tiles to share out (n_out rows), or programs would idle."""
+    def arg(name, default=16):
+        return kwargs.get(name, named_args.get(name, default))
 
-    kept = [c for c in configs if c.kwargs["BLOCK_R"] * max(arg("BM"), arg("BK")) <= 128 * 128]
+    n_out = arg("n_out", None)
+    kept = [c for c in configs if c.kwargs["BLOCK_R"] * max(arg("BM"), arg("BK")) <= 128 * 128
+            and (c.kwargs.get("TILES", 1) == 1 or n_out is None
+                 or n_out >= 4 * c.kwargs["TILES"] * c.kwargs["BLOCK_R"])]
     return kept or configs[:1]
 
 
+# Autotuning candidates: (BLOCK_R, num_warps, num_stages, the kernel's variant switches). The
+# TILES/SWAP variants are untimed guesses from the H100 run (short K loops, a 64-wide MMA N
+# dimension; see kernels.py): the autotuner keeps whichever wins, the plain ones included.
+_PLAIN = ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3))
+_DDS_NT_CANDIDATES = [(r, w, s, dict(TILES=1, SWAP=False)) for r, w, s in _PLAIN] + [
+    (128, 4, 3, dict(TILES=1, SWAP=True)), (256, 8, 3, dict(TILES=1, SWAP=True)),
+    (128, 4, 4, dict(TILES=4, SWAP=False)), (128, 4, 4, dict(TILES=4, SWAP=True)),
+    (256, 8, 4, dict(TILES=2, SWAP=True)), (64, 4, 4, dict(TILES=8, SWAP=False))]
+_DDS_NN_CANDIDATES = [(r, w, s, dict(SWAP=False)) for r, w, s in _PLAIN] + [
+    (128, 4, 3, dict(SWAP=True)), (256, 8, 3, dict(SWAP=True))]
+_SDD_CANDIDATES = [(32, 4, 3, {}), (64, 4, 3, {}), (64, 8, 3, {}), (128, 8, 3, {})]
+
+
 def _configs(candidates):
-    """Autotuning candidates (BLOCK_R, num_warps, num_stages). One small config under the
-    interpreter (it runs every program in numpy) or with SPARSEKERN_TRITON_AUTOTUNE=0 (tests:
-    every new shape would otherwise compile every candidate)."""
+    """triton.Configs of the candidates. Only the first one's variant, with a small BLOCK_R,
+    under the interpreter (it runs every program in numpy) or with SPARSEKERN_TRITON_AUTOTUNE=0
+    (tests: every new shape would otherwise compile every candidate; tests that cover the
+    variants pin them with `pinned_configs`)."""
     if interpreting() or os.environ.get("SPARSEKERN_TRITON_AUTOTUNE", "1") == "0":
-        r = 16 if interpreting() else 64
-        return [triton.Config({"BLOCK_R": r}, num_warps=4, num_stages=2)]
-    return [triton.Config({"BLOCK_R": r}, num_warps=w, num_stages=s) for r, w, s in candidates]
+        candidates = [(16 if interpreting() else 64, 4, 2, candidates[0][3])]
+    return [triton.Config({"BLOCK_R": r, **variant}, num_warps=w, num_stages=s)
+            for r, w, s, variant in candidates]
 
 
-_DDS_CANDIDATES = ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3))
-_SDD_CANDIDATES = ((32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3))
 _DDS_KEY = ["n_out", "C", "BM", "BK", "IS_CONV", "ACC_DTYPE", "PRECISION"]
-_TUNE = dict(prune_configs_by={"early_config_prune": _prune_large_tiles})
-dds_nt = triton.autotune(_configs(_DDS_CANDIDATES), key=_DDS_KEY, **_TUNE)(kernels.dds_nt_kernel)
-dds_nn = triton.autotune(_configs(_DDS_CANDIDATES), key=_DDS_KEY, **_TUNE)(kernels.dds_nn_kernel)
+_TUNE = dict(prune_configs_by={"early_config_prune": _prune})
+dds_nt = triton.autotune(_configs(_DDS_NT_CANDIDATES), key=_DDS_KEY,
+                         **_TUNE)(kernels.dds_nt_kernel)
+dds_nn = triton.autotune(_configs(_DDS_NN_CANDIDATES), key=_DDS_KEY,
+                         **_TUNE)(kernels.dds_nn_kernel)
 sdd_k = triton.autotune(_configs(_SDD_CANDIDATES),
                         key=["n_rows_total", "rows_per_split", "C", "BM", "BK", "IS_CONV",
                              "ACC_DTYPE", "PRECISION"], **_TUNE)(kernels.sdd_kernel)
+
+
+@contextlib.contextmanager
+def pinned_configs(**configs: triton.Config):
+    """Within the block, run the named kernels (dds_nt, dds_nn, sdd) with one given config
+    instead of autotuning, e.g. pinned_configs(dds_nt=triton.Config({"BLOCK_R": 16, "TILES": 2,
+    "SWAP": True})): for tests of the variants and for timing them one by one."""
+    tuners = {"dds_nt": dds_nt, "dds_nn": dds_nn, "sdd": sdd_k}
+    unknown = set(configs) - set(tuners)
+    if unknown:
+        raise ValueError(f"no kernel named {sorted(unknown)}; the kernels are {sorted(tuners)}")
+    saved = {name: tuners[name].configs for name in configs}
+    try:
+        for name, config in configs.items():
+            tuners[name].configs = [config]  # a single config is run as is, untuned
+        yield
+    finally:
+        for name, kept in saved.items():
+            tuners[name].configs = kept
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -102,7 +141,8 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, t_offse
         out = a.new_empty(n_out, n_rows)
         if out.numel() == 0:
             return out
-        grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]), n_rows // bm)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"] * meta["TILES"]),  # noqa: E731
+                             n_rows // bm)
         _launch(dds_nt, grid, a, values, row_offsets, col_idx, out,
                 bias.contiguous() if bias is not None else out, n_out, a.stride(0),
                 out.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,

@@ -7,6 +7,7 @@ every program in numpy.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -44,9 +45,38 @@ LINEAR_CASES = [((16, 16), "sparse"), ((32, 16), "sparse"), ((16, 32), "nnz0"),
                 ((32, 32), "dense"), ((64, 64), "sparse")]
 
 
+# Kernel variants (kernels.py): TILES row tiles per dds_nt program, SWAP = transposed
+# accumulators in dds_nt and dds_nn. BLOCK_R 16 so that the tiny shapes span several tiles.
+VARIANTS = [dict(TILES=2, SWAP=False), dict(TILES=1, SWAP=True), dict(TILES=3, SWAP=True)]
+
+
+@contextlib.contextmanager
+def pinned_variant(variant):
+    Config = triton.Config
+    with sk_triton._ops().pinned_configs(
+            dds_nt=Config({"BLOCK_R": 16, **variant}, num_warps=4, num_stages=2),
+            dds_nn=Config({"BLOCK_R": 16, "SWAP": variant["SWAP"]}, num_warps=4, num_stages=2)):
+        yield
+
+
+def variant_id(variant):
+    return f"tiles{variant['TILES']}{'-swap' if variant['SWAP'] else ''}"
+
+
 @pytest.mark.parametrize("block,kind", LINEAR_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_linear_products_match_oracle(block, kind, dtype, gen):
+    check_linear_products(block, kind, dtype, gen)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("block,kind", LINEAR_CASES)
+def test_linear_kernel_variants_match_oracle(block, kind, variant, gen):
+    with pinned_variant(variant):
+        check_linear_products(block, kind, torch.float64, gen)
+
+
+def check_linear_products(block, kind, dtype, gen):
     m = make_matrix(block, kind, dtype, gen, grid=(3, 3))
     Mp, Kp = m.padded_shape
     topo = [t.to(DEVICE) for t in m.topology()]
@@ -115,7 +145,14 @@ def test_fused_bias_and_relu(channels_last, gen):
     assert_close(layer.bias.grad.cpu(), conv.bias.grad)
 
 
-def test_fused_relu_linear_matches_oracle(gen):
+@pytest.mark.parametrize("variant", [None] + VARIANTS,
+                         ids=lambda v: "plain" if v is None else variant_id(v))
+def test_fused_relu_linear_matches_oracle(variant, gen):
+    with pinned_variant(variant) if variant else contextlib.nullcontext():
+        check_fused_relu_linear(gen)
+
+
+def check_fused_relu_linear(gen):
     m = make_matrix((16, 16), "sparse", torch.float64, gen, grid=(3, 3))
     Mp, Kp = m.padded_shape
     topo = [t.to(DEVICE) for t in m.topology()]
@@ -157,6 +194,20 @@ CONV_CASES = [
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"k{c[5]}s{c[6]}p{c[7]}d{c[8]}")
 def test_conv_matches_f_conv2d(case, gen, backend_spy):
     check_bsr_conv2d(case, "triton", torch.float32, gen, spy=backend_spy, device=DEVICE)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2], CONV_CASES[4]],
+                         ids=["stride2", "dilation", "nnz0"])
+def test_conv_kernel_variants_match_f_conv2d(case, variant, gen, backend_spy):
+    with pinned_variant(variant):
+        check_bsr_conv2d(case, "triton", torch.float32, gen, spy=backend_spy, device=DEVICE)
+
+
+def test_pinned_configs_names_the_kernels():
+    with pytest.raises(ValueError, match="no kernel named"):
+        with sk_triton._ops().pinned_configs(dds=triton.Config({})):
+            pass
 
 
 def test_conv_module_channels_last(gen):
