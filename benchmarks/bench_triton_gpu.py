@@ -22,6 +22,7 @@ import sparsekern  # noqa: E402
 from sparsekern.bsr import BlockSparseMatrix  # noqa: E402
 
 DTYPE = torch.bfloat16
+DEVICE = "cuda"  # the tests' smoke run sets "cpu" (Triton interpreter)
 
 
 def ms(fn) -> float:
@@ -55,9 +56,9 @@ def rel_err(out, ref) -> float:
 
 def linear_case(n, batch, blk, sparsity):
     torch.manual_seed(0)
-    w = BlockSparseMatrix.random((n, n), (blk, blk), 1 - sparsity, dtype=DTYPE).to("cuda")
+    w = BlockSparseMatrix.random((n, n), (blk, blk), 1 - sparsity, dtype=DTYPE).to(DEVICE)
     w_dense = w.to_dense().contiguous()
-    x = torch.randn(batch, n, device="cuda", dtype=DTYPE)
+    x = torch.randn(batch, n, device=DEVICE, dtype=DTYPE)
     ref = F.linear(x, w_dense)
     out = sparsekern.bsr_linear(x, w, backend="triton")
     err = rel_err(out, ref)
@@ -88,15 +89,81 @@ def linear_case(n, batch, blk, sparsity):
         torch.autograd.grad(sparsekern.bsr_linear(xg, wg, backend="triton"), (xg, values), g)
 
     row["dense_fb"], row["ours_fb"] = ms(dense_fb), ms(ours_fb)
+    row.update(product_times(x, g, w, w_dense))
     return row
+
+
+def product_times(x, dy, w, w_dense) -> dict:
+    """GPU time (graph replays of the launchers, no host cost) of each of the three products
+    against the dense product it replaces, and the configs the autotuner chose: which kernel the
+    forward+backward time goes to."""
+    from sparsekern.triton import ops as tops
+
+    ro, ci, ri, to, tr, tp = w.topology()
+    Mp, Kp = w.padded_shape
+    bm, bk = w.block_shape
+    prec = sparsekern.triton.float32_precision()
+    products = {
+        "nt": (lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, Mp, Kp, True, prec),
+               lambda: x @ w_dense.t()),
+        "nn": (lambda: tops.dds(dy, w.values, ro, ci, to, tr, tp, Mp, Kp, False, prec),
+               lambda: dy @ w_dense),
+        "sdd": (lambda: tops.sdd(dy, x, ri, ci, bm, bk, prec), lambda: dy.t() @ x)}
+    out = {}
+    for name, (ours, dense) in products.items():
+        out[f"{name}_ms"], out[f"{name}_dense_ms"] = graph_ms(ours), graph_ms(dense)
+        out[f"x_{name}"] = out[f"{name}_dense_ms"] / out[f"{name}_ms"]
+    out["configs"] = {name: str(getattr(k, "best_config", None)) for name, k in
+                      (("dds_nt", tops.dds_nt), ("dds_nn", tops.dds_nn), ("sdd", tops.sdd_k))}
+    return out
+
+
+def variant_sweep(n=4096, batch=4096, cases=((64, 0.9), (32, 0.9))) -> list[dict]:
+    """Every autotuning candidate of dds_nt and dds_nn timed on its own (pinned_configs, graph
+    replays) on the issue's target shapes: what each variant (TILES, SWAP, BLOCK_R, warps,
+    stages) buys, whatever the autotuner picks."""
+    import triton
+    from sparsekern.triton import ops as tops
+
+    rows = []
+    for blk, sparsity in cases:
+        torch.manual_seed(0)
+        w = BlockSparseMatrix.random((n, n), (blk, blk), 1 - sparsity, dtype=DTYPE).to(DEVICE)
+        x = torch.randn(batch, n, device=DEVICE, dtype=DTYPE)
+        ro, ci, _, to, tr, tp = w.topology()
+        dense_ms = graph_ms(lambda: x @ w.to_dense().t())
+        ref = x.float() @ w.to_dense().float().t()
+        for kernel, candidates, trans_w in (("dds_nt", tops._DDS_NT_CANDIDATES, True),
+                                            ("dds_nn", tops._DDS_NN_CANDIDATES, False)):
+            for r, warps, stages, variant in candidates:
+                config = triton.Config({"BLOCK_R": r, **variant}, num_warps=warps,
+                                       num_stages=stages)
+                try:
+                    with tops.pinned_configs(**{kernel: config}):
+                        fn = lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, n, n,  # noqa: E731
+                                              trans_w, "tf32")
+                        got = fn()
+                        t = graph_ms(fn)
+                except Exception as err:  # noqa: BLE001 - one failing variant is a finding
+                    print(f"{kernel} {config}: {err!r}", flush=True)
+                    got, t = None, float("nan")
+                row = {"kernel": kernel, "block": blk, "sparsity": sparsity,
+                       "config": f"R{r} w{warps} s{stages} " + " ".join(
+                           f"{k}={int(v)}" for k, v in variant.items()),
+                       "ms": t, "x_dense": dense_ms / t}
+                if got is not None and trans_w:  # nn's operand is x as dy: same shapes here
+                    row["rel_err"] = rel_err(got, ref)
+                rows.append(row)
+                print(row, flush=True)
+    return rows
 
 
 def conv_case(name, c_in, c_out, hw, batch, blk, sparsity):
     torch.manual_seed(0)
     layer = sparsekern.SparseConv2d(c_in, c_out, 3, padding=1, bias=False, block_size=(blk, blk),
-                                    density=1 - sparsity).to("cuda", DTYPE)
-    dense = layer.to_dense().to("cuda", DTYPE)
-    x = torch.randn(batch, c_in, hw, hw, device="cuda", dtype=DTYPE).to(
+                                    density=1 - sparsity).to(DEVICE, DTYPE)
+    dense = layer.to_dense().to(DEVICE, DTYPE)
+    x = torch.randn(batch, c_in, hw, hw, device=DEVICE, dtype=DTYPE).to(
         memory_format=torch.channels_last)
     with sparsekern.backend("triton"):
         err = rel_err(layer(x), dense(x))
@@ -135,6 +202,8 @@ def main(argv=None):
              for s in sparsities]
     cases += [("conv", ("vgg 128->128 16x16", 128, 128, 16, 128, 32, s)) for s in (0.5, 0.9)]
     cases += [("conv", ("vgg 256->256 8x8", 256, 256, 8, 128, 64, s)) for s in (0.5, 0.9)]
+    sweep = variant_sweep()
+    write_json(args.json.replace(".json", "_variants.json"), info, sweep)
     rows = []
     for kind, params in cases:
         try:
@@ -142,13 +211,27 @@ def main(argv=None):
         except torch.OutOfMemoryError as err:
             print(f"skipped {params}: {err}", flush=True)
             continue
-        row["x_dense_fwd"] = row["dense_fwd"] / row["ours_fwd"]
-        row["x_bsr_mm_fwd"] = row["bsr_mm_fwd"] / row["ours_fwd"]
-        row["x_dense_fb"] = row["dense_fb"] / row["ours_fb"]
-        row["x_dense_fwd_graph"] = row["dense_fwd_graph"] / row["ours_fwd_graph"]
-        rows.append(row)
+        rows.append(with_ratios(row))
         print(row, flush=True)
         write_json(args.json, info, rows)
+    print_report(sweep, rows)
+
+
+def with_ratios(row: dict) -> dict:
+    row["x_dense_fwd"] = row["dense_fwd"] / row["ours_fwd"]
+    row["x_bsr_mm_fwd"] = row["bsr_mm_fwd"] / row["ours_fwd"]
+    row["x_dense_fb"] = row["dense_fb"] / row["ours_fb"]
+    row["x_dense_fwd_graph"] = row["dense_fwd_graph"] / row["ours_fwd_graph"]
+    return row
+
+
+def print_report(sweep: list[dict], rows: list[dict]) -> None:
+    print("\nvariant sweep (each autotuning candidate pinned; graph replays):")
+    print_table(sweep, [("kernel", "kernel", "s"), ("block", "block", "d"),
+                        ("sparsity", "sparsity", ".2f"), ("config", "config", "s"),
+                        ("ms", "ms", ".4f"), ("x_dense", "x dense", ".2f"),
+                        ("rel_err", "rel err", ".1e")])
+    print("\nend to end (do_bench medians of the eager calls; graph = CUDA graph replays):")
     print_table(rows, [("shape", "shape", "s"), ("block", "block", "d"),
                        ("sparsity", "sparsity", ".2f"), ("dense_fwd", "dense ms", ".3f"),
                        ("bsr_mm_fwd", "bsr_mm ms", ".3f"), ("ours_fwd", "ours ms", ".3f"),
@@ -156,7 +239,15 @@ def main(argv=None):
                        ("dense_fb", "dense f+b", ".3f"), ("ours_fb", "ours f+b", ".3f"),
                        ("x_dense_fb", "x f+b", ".2f"), ("ours_fwd_graph", "graph ms", ".3f"),
                        ("x_dense_fwd_graph", "x graph", ".2f"), ("rel_err", "rel err", ".1e")])
-
+    print("\nper product (graph replays; dense = the matmul each replaces):")
+    print_table([r for r in rows if "nt_ms" in r], [
+        ("shape", "shape", "s"), ("block", "block", "d"), ("sparsity", "sparsity", ".2f"),
+        ("nt_ms", "x@W^T ms", ".3f"), ("x_nt", "x dense", ".2f"), ("nn_ms", "dy@W ms", ".3f"),
+        ("x_nn", "x dense", ".2f"), ("sdd_ms", "sdd ms", ".3f"), ("x_sdd", "x dense", ".2f")])
+    print("\nconfigs the autotuner chose (last call of each kernel in the case):")
+    for r in rows:
+        if "configs" in r:
+            print(f"  {r['shape']} block {r['block']} sparsity {r['sparsity']}: {r['configs']}")
 
 if __name__ == "__main__":
     main()

@@ -47,14 +47,13 @@ def machine_info() -> dict:
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """columns: (key, header, format)."""
-    widths = [max(len(h), 9) for _, h, _ in columns]
+    cells = [["-" if row.get(key) is None else format(row[key], fmt) for key, _, fmt in columns]
+             for row in rows]
+    widths = [max([len(h), 9] + [len(r[i]) for r in cells]) for i, (_, h, _) in
+              enumerate(columns)]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
-    for row in rows:
-        cells = []
-        for (key, _, fmt), w in zip(columns, widths):
-            v = row.get(key)
-            cells.append(("-" if v is None else format(v, fmt)).rjust(w))
-        print("  ".join(cells))
+    for r in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
 def write_json(path: str, info: dict, rows: list[dict]) -> None:

@@ -14,13 +14,14 @@ report="$out/report.md"
 export PYTHONUNBUFFERED=1
 
 section() {  # section TITLE LOGNAME CMD...: run CMD, keep its whole log, show its tail
+  # (TAIL lines, default 40)
   local title=$1 name=$2; shift 2
   echo; echo "## $title"; echo '```'
   "$@" >"$out/$name.log" 2>&1
   echo "exit code: $?"
   # a crash (segfault) prints the test it died in under "Fatal Python error": show that first
   grep -A 25 "Fatal Python error" "$out/$name.log" | head -n 40
-  tail -n 40 "$out/$name.log"
+  tail -n "${TAIL:-40}" "$out/$name.log"
   echo '```'
 }
 
@@ -44,7 +45,7 @@ section() {  # section TITLE LOGNAME CMD...: run CMD, keep its whole log, show i
       [ "$name" = bench_linear_gpu ] && continue
       args+=(--quick)
     fi
-    section "$name" "$name" python "benchmarks/$name.py" "${args[@]}"
+    TAIL=200 section "$name" "$name" python "benchmarks/$name.py" "${args[@]}"
   done
   # last, bounded: it has crashed on a GPU machine before (SUITE_TIMEOUT seconds, default 300)
   section "Whole test suite" all_tests timeout "${SUITE_TIMEOUT:-300}" python -X faulthandler \

@@ -295,3 +295,26 @@ def test_eager_fast_path_steps_aside_for_fake_tensors(gen):
         x, dy, values, *topo = (mode.from_tensor(t) for t in real)
         assert ops.dds_call(x, values, *topo, Mp, Kp, True, "triton").shape == (5, Mp)
         assert ops.sdd_call(dy, x, *topo, 16, 16, "triton").shape == values.shape
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU suite runs the benchmark itself")
+def test_bench_triton_gpu_smoke(monkeypatch):
+    """benchmarks/bench_triton_gpu.py on tiny shapes under the interpreter (timing stubbed): the
+    GPU suite's rare runs must not die on a Python error. Covers the per-product breakdown and
+    the variant sweep (every autotuning candidate, checked against the dense product)."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import bench_triton_gpu as bench
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "ms", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "graph_ms", lambda fn: (fn(), 1.0)[1])
+    row = bench.linear_case(64, 20, 16, 0.5)
+    assert row["rel_err"] < 2e-2 and row["x_nt"] == 1.0 and set(row["configs"]) == {
+        "dds_nt", "dds_nn", "sdd"}
+    sweep = bench.variant_sweep(n=64, batch=20, cases=((16, 0.5),))
+    assert len(sweep) == len(sk_triton._ops()._DDS_NT_CANDIDATES) + len(
+        sk_triton._ops()._DDS_NN_CANDIDATES)
+    assert all(r["ms"] == 1.0 for r in sweep)  # no variant failed
+    assert all(r["rel_err"] < 2e-2 for r in sweep if r["kernel"] == "dds_nt")
+    bench.print_report(sweep, [bench.with_ratios(row)])
