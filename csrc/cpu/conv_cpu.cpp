@@ -579,14 +579,30 @@ at::Tensor conv_grad_values_shifted(const at::Tensor& dy, const at::Tensor& x,
     a_off[p] = rows[p] * bm * L.ld + L.front;
     b_off[p] = (cols[p] % n_cb) * bk * L.ld + L.front + L.shift(g, cols[p] / n_cb);
   }
-  at::Tensor out = at::empty({nnz, bm, bk}, dy.options());
-  SddArgs<T> args{dyw.data_ptr<T>(), xw.data_ptr<T>(), rows, cols, bm, bk, out.data_ptr<T>(),
-                  L.ld};
-  args.a_off = a_off.data();
-  args.b_off = b_off.data();
-  args.length = L.span;
-  parallel_dynamic(nnz, [&](int64_t p) { kt.sdd(args, p); });
-  return out;
+  // Position tiles outermost: the rows of one tile (~4 KB each) stay in L2 while every stored
+  // block reads them, where one whole-length dot per block streamed its two rows (the whole
+  // batch of maps) from memory once per block. Each thread accumulates into its own slot.
+  const int64_t tile = std::max<int64_t>(1, 1024 / kt.vec_len) * kt.vec_len;
+  const int64_t n_tiles = (L.span + tile - 1) / tile, per_block = bm * bk;
+  const int64_t block_chunk = std::max<int64_t>(1, 65536 / (tile * per_block));
+  const int64_t n_chunks = (nnz + block_chunk - 1) / block_chunk;
+  at::Tensor slots = at::zeros({std::max(1, at::get_num_threads()), nnz, bm, bk}, dy.options());
+  std::atomic<int64_t> next_slot{0};
+  parallel_chunks(n_tiles * n_chunks, 1, [&](const auto& claim) {
+    T* slot = slots.data_ptr<T>() + next_slot++ * nnz * per_block;
+    SddArgs<T> args{nullptr, nullptr, rows, cols, bm, bk, slot, L.ld};
+    args.a_off = a_off.data();
+    args.b_off = b_off.data();
+    args.accumulate = true;
+    for (int64_t i0, i1; claim(i0, i1);) {
+      const int64_t t0 = i0 / n_chunks * tile, p0 = i0 % n_chunks * block_chunk;
+      args.A = dyw.data_ptr<T>() + t0;
+      args.B = xw.data_ptr<T>() + t0;
+      args.length = std::min(tile, L.span - t0);
+      for (int64_t p = p0; p < std::min(nnz, p0 + block_chunk); ++p) kt.sdd(args, p);
+    }
+  });
+  return next_slot.load() == 1 ? slots[0] : slots.sum(0);
 }
 
 // NCHW [N, C, h, w] <-> NHWC rows [N*h*w, C], for the generic path (ATen's channels_last

@@ -64,7 +64,7 @@ struct SddArgs {
   int64_t ldb;              // feature-major: padded batch | batch-major: row stride of B
   int64_t lda = 0;          // batch-major: row stride of A
   int64_t batch = 0;        // batch-major: rows of A and B
-  bool accumulate = false;  // batch-major: out += instead of out =
+  bool accumulate = false;  // out += instead of out =
   // Feature-major only: optional [nnz] offsets of each block's first A / B row (default
   // row*bm*ldb, col*bk*ldb) and the dot length (default ldb), for the conv path's shifted rows.
   const int64_t* a_off = nullptr;

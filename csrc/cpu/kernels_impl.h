@@ -143,7 +143,7 @@ static inline void sdd_tile(const SddArgs<T>& a, int64_t p, int64_t m0, int64_t 
     for (int j = 0; j < RK; ++j) {
       typename V::type s = acc[0][i][j];
       for (int u = 1; u < U; ++u) s += acc[u][i][j];
-      out[i * a.bk + j] = V::sum(s);
+      out[i * a.bk + j] = a.accumulate ? out[i * a.bk + j] + V::sum(s) : V::sum(s);
     }
 }
 
