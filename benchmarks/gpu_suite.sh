@@ -45,7 +45,7 @@ section() {  # section TITLE LOGNAME CMD...: run CMD, keep its whole log, show i
       [ "$name" = bench_linear_gpu ] && continue
       args+=(--quick)
     fi
-    TAIL=200 section "$name" "$name" python "benchmarks/$name.py" "${args[@]}"
+    TAIL=300 section "$name" "$name" python "benchmarks/$name.py" "${args[@]}"
   done
   # last, bounded: it has crashed on a GPU machine before (SUITE_TIMEOUT seconds, default 300)
   section "Whole test suite" all_tests timeout "${SUITE_TIMEOUT:-300}" python -X faulthandler \

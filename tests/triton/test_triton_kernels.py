@@ -317,4 +317,6 @@ def test_bench_triton_gpu_smoke(monkeypatch):
         sk_triton._ops()._DDS_NN_CANDIDATES)
     assert all(r["ms"] == 1.0 for r in sweep)  # no variant failed
     assert all(r["rel_err"] < 2e-2 for r in sweep if r["kernel"] == "dds_nt")
-    bench.print_report(sweep, [bench.with_ratios(row)])
+    profile = bench.host_profile(n=64, batch=20, blk=16, calls=2, top=5)
+    assert profile.startswith("host profile") and "tottime" in profile
+    bench.print_report(sweep, [bench.with_ratios(row)], profile)
