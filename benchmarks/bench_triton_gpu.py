@@ -142,7 +142,7 @@ def product_times(x, dy, w, w_dense) -> dict:
                lambda: x @ w_dense.t()),
         "nn": (lambda: tops.dds(dy, w.values, ro, ci, to, tr, tp, Mp, Kp, False, prec),
                lambda: dy @ w_dense),
-        "sdd": (lambda: tops.sdd(dy, x, ri, ci, bm, bk, prec), lambda: dy.t() @ x)}
+        "sdd": (lambda: tops.sdd(dy, x, ro, ri, ci, bm, bk, prec), lambda: dy.t() @ x)}
     out = {}
     for name, (ours, dense) in products.items():
         out[f"{name}_ms"], out[f"{name}_dense_ms"] = graph_ms(ours), graph_ms(dense)
@@ -153,10 +153,12 @@ def product_times(x, dy, w, w_dense) -> dict:
 
 
 def variant_sweep(n=4096, batch=4096, cases=((64, 0.9), (32, 0.9))) -> list[dict]:
-    """Every autotuning candidate of dds_nt and dds_nn timed on its own (pinned_configs, graph
-    replays) on the issue's target shapes: what each variant (TILES, SWAP, BLOCK_R, warps,
-    stages) buys, whatever the autotuner picks."""
+    """Every autotuning candidate of dds_nt, dds_nn and sdd timed on its own (pinned_configs,
+    graph replays) on the issue's target shapes: what each variant (TILES, SWAP, GROUP, BLOCK_R,
+    warps, stages) buys, whatever the autotuner picks. dds_nn and sdd take x as dy (same shapes
+    for a square W)."""
     import triton
+    from sparsekern.reference import dense_to_blocks
     from sparsekern.triton import ops as tops
 
     rows = []
@@ -164,31 +166,36 @@ def variant_sweep(n=4096, batch=4096, cases=((64, 0.9), (32, 0.9))) -> list[dict
         torch.manual_seed(0)
         w = BlockSparseMatrix.random((n, n), (blk, blk), 1 - sparsity, dtype=DTYPE).to(DEVICE)
         x = torch.randn(batch, n, device=DEVICE, dtype=DTYPE)
-        ro, ci, _, to, tr, tp = w.topology()
-        dense_ms = graph_ms(lambda: x @ w.to_dense().t())
-        ref = x.float() @ w.to_dense().float().t()
-        for kernel, candidates, trans_w in (("dds_nt", tops._DDS_NT_CANDIDATES, True),
-                                            ("dds_nn", tops._DDS_NN_CANDIDATES, False)):
+        ro, ci, ri, to, tr, tp = w.topology()
+        w_dense = w.to_dense()
+        dense_ms = graph_ms(lambda: x @ w_dense.t())
+        sdd_dense_ms = graph_ms(lambda: x.t() @ x)
+        refs = {"dds_nt": x.float() @ w_dense.float().t(), "dds_nn": x.float() @ w_dense.float(),
+                "sdd": dense_to_blocks(x.float().t() @ x.float(), ri, ci, blk, blk)}
+        products = {
+            "dds_nt": lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, n, n, True, "tf32"),
+            "dds_nn": lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, n, n, False, "tf32"),
+            "sdd": lambda: tops.sdd(x, x, ro, ri, ci, blk, blk, "tf32")}
+        for kernel, candidates in (("dds_nt", tops._DDS_NT_CANDIDATES),
+                                   ("dds_nn", tops._DDS_NN_CANDIDATES),
+                                   ("sdd", tops._SDD_CANDIDATES)):
             for r, warps, stages, variant in candidates:
                 config = triton.Config({"BLOCK_R": r, **variant}, num_warps=warps,
                                        num_stages=stages)
                 try:
                     with tops.pinned_configs(**{kernel: config}):
-                        fn = lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, n, n,  # noqa: E731
-                                              trans_w, "tf32")
-                        got = fn()
-                        t = graph_ms(fn)
+                        got = products[kernel]()
+                        t = graph_ms(products[kernel])
                 except Exception as err:  # noqa: BLE001 - one failing variant is a finding
                     print(f"{kernel} {config}: {err!r}", flush=True)
                     got, t = None, float("nan")
-                row = {"kernel": kernel, "block": blk, "sparsity": sparsity,
-                       "config": f"R{r} w{warps} s{stages} " + " ".join(
-                           f"{k}={int(v)}" for k, v in variant.items()),
-                       "ms": t, "x_dense": dense_ms / t}
-                if got is not None and trans_w:  # nn's operand is x as dy: same shapes here
-                    row["rel_err"] = rel_err(got, ref)
-                rows.append(row)
-                print(row, flush=True)
+                baseline = sdd_dense_ms if kernel == "sdd" else dense_ms
+                err = float("nan") if got is None else rel_err(got, refs[kernel])
+                rows.append({"kernel": kernel, "block": blk, "sparsity": sparsity,
+                             "config": f"R{r} w{warps} s{stages} " + " ".join(
+                                 f"{k}={int(v)}" for k, v in variant.items()),
+                             "ms": t, "x_dense": baseline / t, "rel_err": err})
+                print(rows[-1], flush=True)
     return rows
 
 

@@ -85,9 +85,9 @@ class TritonBackend(backends.Backend):
                   trans_w, _float32_precision, conv, bias, relu, relu_mask)
 
     def sdd(self, a, b, topo, bm, bk, conv=None):
-        _, col_idx, row_idx, _, _, _ = topo
+        row_offsets, col_idx, row_idx, _, _, _ = topo
         fn = torch.ops.sparsekern.triton_sdd if torch.compiler.is_compiling() else _ops().sdd
-        return fn(a, b, row_idx, col_idx, bm, bk, _float32_precision, conv)
+        return fn(a, b, row_offsets, row_idx, col_idx, bm, bk, _float32_precision, conv)
 
 
 backends.register_backend(TritonBackend(), before="cuda")

@@ -8,8 +8,10 @@ instance compiles without it. Shapes (see sparsekern/ops.py):
                                               block row
     dds_nn  dx [N*H*W, C] = col2im(dy @ W)    one program: BLOCK_R input rows x one block column
                                               of one filter tap (gathers dy, no atomics)
-    sdd     dW [nnz, BM, BK] = dy^T @ im2col(x) on the stored blocks; one program per block and
-                                              row split, fp32 partials summed by the launcher
+    sdd     dW [nnz, BM, BK] = dy^T @ im2col(x) on the stored blocks; one program per block
+                                              (or GROUP blocks of a block row) and row split;
+                                              with several splits, fp32 partials summed by the
+                                              launcher
 
 W's blocks are values [nnz, BM, BK] in CSR order; t_offsets/t_rows/t_perm walk block columns.
 Accumulation is float32 (float64 for float64 operands).
@@ -182,32 +184,56 @@ def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_
 
 
 @triton.jit
-def sdd_kernel(a_ptr, b_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
-               n_rows_total, rows_per_split, stride_a, stride_b,
+def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
+               nnz, n_block_cols, n_rows_total, rows_per_split, stride_a, stride_b,
                H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
-               BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
+               BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
                IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                UPCAST: tl.constexpr):
-    p = tl.program_id(0)  # stored block
+    """GROUP = 1: one program per stored block (x split of the reduction rows).
+    GROUP > 1: one program per GROUP consecutive blocks of one block row (programs past the
+    row's end do nothing): the dy tile is loaded once for all of them and the MMA is
+    [BM, GROUP*BK] wide, against [BM, BK] per block. Its x columns are gathered per block, so
+    the conv instance (a tap per block) computes source rows per column: correct, and left out
+    of autotuning (ops._prune)."""
     split = tl.program_id(1)  # slice of the reduction rows (batch / output pixels)
-    nnz = tl.num_programs(0)
-    row0 = tl.load(row_idx_ptr + p) * BM
-    col0 = tl.load(col_idx_ptr + p).to(tl.int64) * BK
-    tap = col0 // C
+    if GROUP == 1:
+        p = tl.program_id(0)  # stored block (CSR position)
+        row0 = tl.load(row_idx_ptr + p) * BM
+        n_here = 1
+    else:
+        per_row = tl.cdiv(n_block_cols, GROUP)
+        i = tl.program_id(0) // per_row  # block row
+        p = tl.load(row_offsets_ptr + i) + (tl.program_id(0) % per_row) * GROUP
+        n_here = tl.load(row_offsets_ptr + i + 1) - p  # blocks in this group (<= 0: none)
+        row0 = i * BM
     offs_m = tl.arange(0, BM)
-    offs_k = tl.arange(0, BK)
-    acc = tl.zeros((BM, BK), dtype=ACC_DTYPE)
+    offs_n = tl.arange(0, GROUP * BK)  # the group's columns, block after block
+    blk = offs_n // BK
+    has = blk < n_here
+    col0 = tl.load(col_idx_ptr + p + blk, mask=has, other=0).to(tl.int64) * BK  # in [0, R*S*C)
+    tap = col0 // C
+    xcol = tl.max_contiguous(tl.multiple_of(col0 % C + offs_n % BK, BK), BK)
+    acc = tl.zeros((BM, GROUP * BK), dtype=ACC_DTYPE)
     lo = split * rows_per_split
     hi = tl.minimum(lo + rows_per_split, n_rows_total)
+    hi = tl.where(n_here > 0, hi, lo)  # an empty group takes no steps and stores nothing
+    if GROUP == 1:
+        tap1 = tl.load(col_idx_ptr + p).to(tl.int64) * BK // C  # one tap: per-row indexing
     for r0 in range(lo, hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
-        src, ok = _conv_source_rows(rows, hi, P, Q, H, W, tap // S, tap % S, sh, sw, ph, pw,
-                                    dh, dw, IS_CONV)
+        if GROUP == 1:
+            src, ok = _conv_source_rows(rows, hi, P, Q, H, W, tap1 // S, tap1 % S, sh, sw, ph,
+                                        pw, dh, dw, IS_CONV)
+            src = src[:, None]
+            ok = ok[:, None]
+        else:
+            src, ok = _conv_source_rows(rows[:, None], hi, P, Q, H, W, (tap // S)[None, :],
+                                        (tap % S)[None, :], sh, sw, ph, pw, dh, dw, IS_CONV)
         g = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_a + (row0 + offs_m)[None, :],
                     mask=(rows < hi)[:, None], other=0.0)
-        x = tl.load(b_ptr + src.to(tl.int64)[:, None] * stride_b + (col0 % C + offs_k)[None, :],
-                    mask=ok[:, None], other=0.0)
+        x = tl.load(b_ptr + src * stride_b + xcol[None, :], mask=ok & has[None, :], other=0.0)
         acc = _dot(tl.trans(g), x, acc, PRECISION, UPCAST)
-    out = out_ptr + (split * nnz + p).to(tl.int64) * (BM * BK) + offs_m[:, None] * BK \
-        + offs_k[None, :]
-    tl.store(out, acc)
+    out = out_ptr + (split * nnz + p + blk).to(tl.int64)[None, :] * (BM * BK) \
+        + offs_m[:, None] * BK + (offs_n % BK)[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=has[None, :])

@@ -4,7 +4,8 @@ sees the kernels), and the autotuning configurations.
     torch.ops.sparsekern.triton_dds(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm,
                                     n_rows, n_cols, trans_w, precision, conv, bias, relu,
                                     relu_mask) -> Tensor
-    torch.ops.sparsekern.triton_sdd(a, b, row_idx, col_idx, bm, bk, precision, conv) -> Tensor
+    torch.ops.sparsekern.triton_sdd(a, b, row_offsets, row_idx, col_idx, bm, bk, precision,
+                                    conv) -> Tensor
 
 Arguments are the ops.py ones, already checked there; ``precision`` is the float32 dot mode
 ("tf32" or "ieee"). bias and relu (trans_w=True) are applied in dds_nt's epilogue, relu_mask
@@ -27,16 +28,22 @@ from sparsekern.triton import interpreting, kernels
 
 def _prune(configs, named_args, **kwargs):
     """Drop candidates that cannot pay off for this shape: an fp32 accumulator of BLOCK_R x 128
-    with BLOCK_R = 256 does not fit in registers; TILES row tiles per program need that many
-    tiles to share out (n_out rows), or programs would idle."""
+    with BLOCK_R = 256 (or BM x GROUP*BK past 128 x 128) does not fit in registers; TILES row
+    tiles per program need that many tiles to share out (n_out rows), or programs would idle;
+    sdd's GROUP gathers x per column, which for conv means per-column source rows."""
     def arg(name, default=16):
         return kwargs.get(name, named_args.get(name, default))
 
     n_out = arg("n_out", None)
-    kept = [c for c in configs if c.kwargs["BLOCK_R"] * max(arg("BM"), arg("BK")) <= 128 * 128
-            and (c.kwargs.get("TILES", 1) == 1 or n_out is None
-                 or n_out >= 4 * c.kwargs["TILES"] * c.kwargs["BLOCK_R"])]
-    return kept or configs[:1]
+
+    def fits(c):
+        group, tiles = c.kwargs.get("GROUP", 1), c.kwargs.get("TILES", 1)
+        return (c.kwargs["BLOCK_R"] * max(arg("BM"), arg("BK")) <= 128 * 128
+                and arg("BM") * group * arg("BK") <= 128 * 128
+                and (group == 1 or not arg("IS_CONV", False))
+                and (tiles == 1 or n_out is None or n_out >= 4 * tiles * c.kwargs["BLOCK_R"]))
+
+    return [c for c in configs if fits(c)] or configs[:1]
 
 
 # Autotuning candidates: (BLOCK_R, num_warps, num_stages, the kernel's variant switches). The
@@ -49,7 +56,10 @@ _DDS_NT_CANDIDATES = [(r, w, s, dict(TILES=1, SWAP=False)) for r, w, s in _PLAIN
     (256, 8, 4, dict(TILES=2, SWAP=True)), (64, 4, 4, dict(TILES=8, SWAP=False))]
 _DDS_NN_CANDIDATES = [(r, w, s, dict(SWAP=False)) for r, w, s in _PLAIN] + [
     (128, 4, 3, dict(SWAP=True)), (256, 8, 3, dict(SWAP=True))]
-_SDD_CANDIDATES = [(32, 4, 3, {}), (64, 4, 3, {}), (64, 8, 3, {}), (128, 8, 3, {})]
+# sdd's GROUP (blocks of one block row per program, one dy tile for all): untimed, as above.
+_SDD_CANDIDATES = [(32, 4, 3, dict(GROUP=1)), (64, 4, 3, dict(GROUP=1)), (64, 8, 3, dict(GROUP=1)),
+                   (128, 8, 3, dict(GROUP=1)), (64, 8, 3, dict(GROUP=2)), (64, 8, 3, dict(GROUP=4)),
+                   (32, 4, 4, dict(GROUP=4)), (128, 8, 3, dict(GROUP=2))]
 
 
 def _configs(candidates):
@@ -168,24 +178,32 @@ def _sdd_splits(nnz: int, n_rows_total: int, device: torch.device) -> int:
     return max(1, min(-(-programs // nnz), n_rows_total // 512))
 
 
-def sdd(a: Tensor, b: Tensor, row_idx: Tensor, col_idx: Tensor, bm: int, bk: int,
-        precision: str, conv: Optional[list[int]] = None) -> Tensor:
+def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, row_idx: Tensor, col_idx: Tensor, bm: int,
+        bk: int, precision: str, conv: Optional[list[int]] = None) -> Tensor:
     """The launcher behind sparsekern::triton_sdd (eager callers may call it directly)."""
     a, b = _unit_stride(a), _unit_stride(b)
     nnz = row_idx.shape[0]
     n_total = a.shape[0]
     is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, b.shape[1])
-    acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    n_block_cols = R * S * C // bk
     splits = _sdd_splits(nnz, n_total, a.device)
     per_split = -(-n_total // splits) if n_total else 0
-    partial = torch.empty(splits, nnz, bm, bk, dtype=acc_dtype, device=a.device)
-    if nnz:
+    # one split: the kernel stores the blocks in a's dtype; several: fp32 partials, summed here
+    acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    out = torch.empty(splits, nnz, bm, bk, dtype=a.dtype if splits == 1 else acc_dtype,
+                      device=a.device)
+    if nnz and n_total:
         mode, upcast = _dot_mode(a.dtype, precision)
-        _launch(sdd_k, (nnz, splits), a, b, row_idx, col_idx, partial, n_total, per_split,
-                a.stride(0), b.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw, BM=bm, BK=bk,
-                IS_CONV=is_conv, ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)
-    total = partial[0] if splits == 1 else partial.sum(0)
-    return total.to(a.dtype)
+        grid = lambda meta: (nnz if meta["GROUP"] == 1 else  # noqa: E731
+                             (row_offsets.shape[0] - 1) * triton.cdiv(n_block_cols, meta["GROUP"]),
+                             splits)
+        _launch(sdd_k, grid, a, b, row_offsets, row_idx, col_idx, out, nnz, n_block_cols, n_total,
+                per_split, a.stride(0), b.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
+                BM=bm, BK=bk, IS_CONV=is_conv, ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode,
+                UPCAST=upcast)
+    elif nnz:  # no reduction rows: the gradient is zero
+        out.zero_()
+    return out[0] if splits == 1 else out.sum(0).to(a.dtype)
 
 
 triton_dds = triton_op("sparsekern::triton_dds", dds, mutates_args=())
@@ -201,5 +219,5 @@ def _triton_dds_fake(a, values, row_offsets, col_idx, t_offsets, t_rows, t_perm,
 
 
 @triton_sdd.register_fake
-def _triton_sdd_fake(a, b, row_idx, col_idx, bm, bk, precision, conv=None):
+def _triton_sdd_fake(a, b, row_offsets, row_idx, col_idx, bm, bk, precision, conv=None):
     return a.new_empty(row_idx.shape[0], bm, bk)

@@ -46,21 +46,27 @@ LINEAR_CASES = [((16, 16), "sparse"), ((32, 16), "sparse"), ((16, 32), "nnz0"),
 
 
 # Kernel variants (kernels.py): TILES row tiles per dds_nt program, SWAP = transposed
-# accumulators in dds_nt and dds_nn. BLOCK_R 16 so that the tiny shapes span several tiles.
-VARIANTS = [dict(TILES=2, SWAP=False), dict(TILES=1, SWAP=True), dict(TILES=3, SWAP=True)]
+# accumulators in dds_nt and dds_nn, GROUP blocks of a block row per sdd program (4: more than
+# the 3x3-block test matrices hold in a row, so groups run short). BLOCK_R 16 so that the tiny
+# shapes span several tiles.
+VARIANTS = [dict(TILES=2, SWAP=False, GROUP=2), dict(TILES=1, SWAP=True, GROUP=1),
+            dict(TILES=3, SWAP=True, GROUP=4)]
 
 
 @contextlib.contextmanager
 def pinned_variant(variant):
     Config = triton.Config
     with sk_triton._ops().pinned_configs(
-            dds_nt=Config({"BLOCK_R": 16, **variant}, num_warps=4, num_stages=2),
-            dds_nn=Config({"BLOCK_R": 16, "SWAP": variant["SWAP"]}, num_warps=4, num_stages=2)):
+            dds_nt=Config({"BLOCK_R": 16, "TILES": variant["TILES"], "SWAP": variant["SWAP"]},
+                          num_warps=4, num_stages=2),
+            dds_nn=Config({"BLOCK_R": 16, "SWAP": variant["SWAP"]}, num_warps=4, num_stages=2),
+            sdd=Config({"BLOCK_R": 16, "GROUP": variant["GROUP"]}, num_warps=4, num_stages=2)):
         yield
 
 
 def variant_id(variant):
-    return f"tiles{variant['TILES']}{'-swap' if variant['SWAP'] else ''}"
+    return (f"tiles{variant['TILES']}{'-swap' if variant['SWAP'] else ''}"
+            f"-group{variant['GROUP']}")
 
 
 @pytest.mark.parametrize("block,kind", LINEAR_CASES)
@@ -92,6 +98,45 @@ def check_linear_products(block, kind, dtype, gen):
     assert dw.shape == m.values.shape and dw.dtype == dtype
     assert_close(dw.cpu(), oracle_sdd(dy.to(dtype), x.to(dtype), m.row_idx, m.col_idx, *block),
                  dtype, "sdd")
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdd_groups_and_row_splits(group, splits, dtype, gen, monkeypatch):
+    """sdd on a wide matrix (up to 7 blocks per block row, an empty row, short last groups),
+    with GROUP blocks per program and the reduction split over programs (fp32 partials summed
+    by the launcher; only on a GPU unforced): each block against the oracle, in a's dtype."""
+    tops = sk_triton._ops()
+    monkeypatch.setattr(tops, "_sdd_splits", lambda nnz, n, device: splits)
+    m = make_matrix((16, 16), "sparse", dtype, gen, grid=(3, 7))
+    topo = [t.to(DEVICE) for t in m.topology()]
+    x, dy = randn(37, 7 * 16, generator=gen), randn(37, 3 * 16, generator=gen)
+    with tops.pinned_configs(sdd=triton.Config({"BLOCK_R": 16, "GROUP": group})):
+        dw = ops.sdd(dy.to(DEVICE, dtype), x.to(DEVICE, dtype), *topo, 16, 16, "triton")
+    assert dw.shape == m.values.shape and dw.dtype == dtype
+    assert_close(dw.cpu(), oracle_sdd(dy.to(dtype), x.to(dtype), m.row_idx, m.col_idx, 16, 16),
+                 dtype, "sdd")
+
+
+def test_autotuning_prunes_what_cannot_pay_off():
+    """Candidates whose accumulator would not fit, TILES without enough row tiles, and sdd
+    groups for conv (per-column source rows) are not timed."""
+    tops = sk_triton._ops()
+
+    def kept(candidates, **args):
+        configs = [triton.Config({"BLOCK_R": r, **v}, num_warps=w, num_stages=s)
+                   for r, w, s, v in candidates]
+        return [(c.kwargs["BLOCK_R"], c.kwargs.get("TILES", 1), c.kwargs.get("GROUP", 1))
+                for c in tops._prune(configs, {}, **args)]
+
+    sdd_linear = kept(tops._SDD_CANDIDATES, BM=64, BK=64, IS_CONV=False)
+    assert {g for _, _, g in sdd_linear} == {1, 2, 4}
+    assert {g for _, _, g in kept(tops._SDD_CANDIDATES, BM=64, BK=64, IS_CONV=True)} == {1}
+    assert {g for _, _, g in
+                                 kept(tops._SDD_CANDIDATES, BM=128, BK=128, IS_CONV=False)} == {1}
+    assert all(r <= 128 for r, _, _ in kept(tops._DDS_NT_CANDIDATES, BM=128, BK=128, n_out=4096))
+    assert all(t == 1 for _, t, _ in kept(tops._DDS_NT_CANDIDATES, BM=64, BK=64, n_out=300))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -268,7 +313,7 @@ def test_opcheck_triton_ops(gen):
                           (x, values, ro, ci, to, tr, tp, 48, 48, True, "ieee", None),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.sparsekern.triton_sdd.default,
-                          (x, x, ri, ci, 16, 16, "ieee", None),
+                          (x, x, ro, ri, ci, 16, 16, "ieee", None),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -313,10 +358,11 @@ def test_bench_triton_gpu_smoke(monkeypatch):
     assert row["rel_err"] < 2e-2 and row["x_nt"] == 1.0 and set(row["configs"]) == {
         "dds_nt", "dds_nn", "sdd"}
     sweep = bench.variant_sweep(n=64, batch=20, cases=((16, 0.5),))
-    assert len(sweep) == len(sk_triton._ops()._DDS_NT_CANDIDATES) + len(
-        sk_triton._ops()._DDS_NN_CANDIDATES)
+    tops = sk_triton._ops()
+    assert len(sweep) == len(tops._DDS_NT_CANDIDATES) + len(tops._DDS_NN_CANDIDATES) + len(
+        tops._SDD_CANDIDATES)
     assert all(r["ms"] == 1.0 for r in sweep)  # no variant failed
-    assert all(r["rel_err"] < 2e-2 for r in sweep if r["kernel"] == "dds_nt")
+    assert all(r["rel_err"] < 2e-2 for r in sweep)
     profile = bench.host_profile(n=64, batch=20, blk=16, calls=2, top=5)
     assert profile.startswith("host profile") and "tottime" in profile
     bench.print_report(sweep, [bench.with_ratios(row)], profile)
