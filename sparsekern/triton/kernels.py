@@ -27,14 +27,15 @@ def _conv_source_rows(rows, n_out, P, Q, H, W, r, s, sh, sw, ph, pw, dh, dw,
                       IS_CONV: tl.constexpr):
     """Output pixel rows (n, p, q) -> the input rows (n, h, w) tap (r, s) reads, and validity."""
     ok = rows < n_out
-    if IS_CONV:
+    src = rows.to(tl.int64)
+    if IS_CONV:  # (one return: the compiler checks every return's type, even a dead one's)
         n = rows // (P * Q)
         pq = rows % (P * Q)
         h = (pq // Q) * sh - ph + r * dh
         w = (pq % Q) * sw - pw + s * dw
         ok = ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        return ((n * H + h) * W + w).to(tl.int64), ok
-    return rows.to(tl.int64), ok  # both branches int64: the compiler wants one return type
+        src = ((n * H + h) * W + w).to(tl.int64)
+    return src, ok
 
 
 @triton.jit
@@ -84,7 +85,10 @@ def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr, bias
         tap = col0 // C
         src, ok = _conv_source_rows(rows, n_out, P, Q, H, W, tap // S, tap % S, sh, sw, ph, pw,
                                     dh, dw, IS_CONV)
-        x = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_a + (col0 % C + offs_k)[None, :],
+        # the hint: the compiler cannot see that a loaded col0 % C is a multiple of BK, and
+        # without it the x tile is loaded 2 bytes at a time and outside the async pipeline
+        kcol = tl.max_contiguous(tl.multiple_of(col0 % C + offs_k, BK), BK)
+        x = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_a + kcol[None, :],
                     mask=(ok & has)[:, None], other=0.0)
         w = tl.load(values_ptr + p.to(tl.int64) * (BM * BK) + offs_m[:, None] * BK
                     + offs_k[None, :], mask=has, other=0.0)

@@ -366,3 +366,23 @@ def test_bench_triton_gpu_smoke(monkeypatch):
     profile = bench.host_profile(n=64, batch=20, blk=16, calls=2, top=5)
     assert profile.startswith("host profile") and "tottime" in profile
     bench.print_report(sweep, [bench.with_ratios(row)], profile)
+
+
+def test_kernels_compile_for_sm90_with_wide_tile_loads():
+    """benchmarks/triton_codegen.py --check: every candidate the autotuner would time compiles
+    for sm_90 (Triton's ptxas, no GPU needed) and loads its tiles in 16-byte async copies. The
+    interpreter cannot see either: a dead return of another shape failed only in compiled code,
+    and dds_nt's x tile was loaded 2 bytes at a time outside the pipeline until col0 % C got a
+    divisibility hint. A subprocess: the kernels here are the interpreter's."""
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "triton_codegen.py"),
+                           "--check"], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=900)
+    if "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("this triton has no ptxas for sm_90")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "0 with a compile error or a narrow tile load" in proc.stdout

@@ -1,0 +1,191 @@
+"""The Triton kernels' code for a Hopper GPU, checked without one: every autotuning candidate
+the autotuner would time is compiled for sm_90 (Triton's bundled ptxas, no driver needed) with
+the specialization a real launch gets, and the tile loads are read off the TTGIR.
+
+    python benchmarks/triton_codegen.py [--check] [--all-blocks]
+
+Per kernel, variant and case it prints shared memory, wgmma / mma.sync counts and the tile
+loads: "async xN" = pipelined cp.async of N contiguous elements (16 bytes is the goal), "reg"
+= loaded into registers ahead of use. --check exits 1 if a candidate does not compile, an
+async copy is narrower than it could be, or a 16-bit tile is loaded one element at a time:
+what the x tile of dds_nt did until col0 % C got a divisibility hint (2-byte loads, outside
+the async pipeline), found this way, not on a GPU. Must run without TRITON_INTERPRET (the interpreter replaces the
+kernels); the tests run it in a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import re
+import sys
+
+import torch
+
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                 torch.float64: "fp64", torch.int32: "i32", torch.int64: "i64"}
+
+
+def compile_sm90(kernel, args: tuple, kwargs: dict, config):
+    """Compile `kernel` (a triton.autotune'd JITFunction) for sm_90 as a launch with these
+    arguments and this autotuning config would: tensors are 16-byte aligned pointers, ints
+    divisible by 16 carry that hint, ints equal to 1 become constants (Triton's rules)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit_fn = kernel.fn
+    params = list(inspect.signature(jit_fn.fn).parameters)
+    values = dict(zip(params, args))
+    values.update(kwargs)
+    values.update(config.kwargs)
+    signature, constants, attrs = {}, {}, {}
+    for i, name in enumerate(params):
+        v = values[name]
+        if isinstance(v, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[v.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(v, bool) or not isinstance(v, int) or v == 1 or name in kwargs \
+                or name in config.kwargs:
+            signature[name] = "constexpr"
+            constants[(i,)] = v
+        else:
+            signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=jit_fn, signature=signature, constexprs=constants, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.num_warps,
+                                   "num_stages": config.num_stages})
+
+
+_ASYNC = re.compile(r"ttg\.async_copy_global_to_local .*?\{contiguity = (\d+) : i32\} : "
+                    r"tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>")
+_REG = re.compile(r"= tt\.load [^\n]*: tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>")
+_SCALAR_16BIT = re.compile(r"ld\.global(?:\.[a-z0-9_:]+)*?\.[bu]16\b")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8}
+
+
+def summarize(compiled, num_warps: int) -> dict:
+    """Shared memory, MMA instructions and the 2-D tile loads of one compiled kernel: "async
+    xN" (cp.async, N contiguous elements per copy), "reg" (loaded into registers a few
+    iterations ahead, e.g. an mma.sync operand used transposed). `bad`: async copies under 16
+    bytes that could be wider (a thread holds more elements than one copy moves) and 16-bit
+    global loads one element at a time (an unvectorized bf16/fp16 tile)."""
+    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    loads, bad = [], []
+    for contiguity, rows, cols, ty in _ASYNC.findall(ttgir):
+        loads.append(f"{rows}x{cols} async x{contiguity}")
+        per_thread = int(rows) * int(cols) // (32 * num_warps)
+        if ty in _BYTES and int(contiguity) * _BYTES[ty] < 16 and int(contiguity) < per_thread:
+            bad.append(loads[-1])
+    loads += [f"{rows}x{cols} reg" for rows, cols, ty in _REG.findall(ttgir) if ty in _BYTES]
+    # an epilogue vector in a transposed layout (SWAP's bias) may take a couple of scalar loads;
+    # a tile loaded one element at a time takes dozens (64 for dds_nt's x tile before its hint)
+    scalar = len(_SCALAR_16BIT.findall(ptx))
+    if scalar >= 8:
+        bad.append(f"{scalar} scalar 16-bit loads")
+    return {"shared": compiled.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
+            "mma": ptx.count("mma.sync"), "loads": loads, "bad": bad}
+
+
+def launches(block=(64, 64), dtype=torch.bfloat16, fused=False):
+    """(name, autotuner, args, kwargs) of the three products, as the launchers of
+    sparsekern/triton/ops.py issue them for a 1024x1024 Linear (batch 2048) and a VGG-like
+    3x3 128->128 conv on 16x16 maps (batch 8, NHWC rows): enough rows that the autotuner
+    keeps the TILES variants. No kernel runs."""
+    from sparsekern.bsr import BlockSparseMatrix
+    from sparsekern.triton import ops as tops
+
+    captured = []
+    saved = tops._launch
+    tops._launch = lambda kernel, grid, *args, **kwargs: captured.append((kernel, args, kwargs))
+    try:
+        bm, bk = block
+        for case in ("linear", "conv"):
+            if case == "linear":
+                n_out, n_in, conv, rows_in, rows_out = 1024, 1024, None, 2048, 2048
+            else:
+                N, H, C, O = 8, 16, 128, 128
+                conv = [N, H, H, C, 3, 3, 1, 1, 1, 1, 1, 1, H, H]
+                n_out, n_in, rows_in, rows_out = O, 9 * C, N * H * H, N * H * H
+            w = BlockSparseMatrix.random((n_out, n_in), block, 0.25, dtype=dtype)
+            ro, ci, ri, to, tr, tp = w.topology()
+            width_in = conv[3] if conv else n_in
+            x = torch.zeros(rows_in, width_in, dtype=dtype)
+            dy = torch.zeros(rows_out, n_out, dtype=dtype)
+            bias = torch.zeros(n_out, dtype=dtype) if fused else None
+            tops.dds(x, w.values, ro, ci, to, tr, tp, n_out, n_in, True, "tf32", conv, bias,
+                     relu=fused)
+            tops.dds(dy, w.values, ro, ci, to, tr, tp, n_out, n_in, False, "tf32", conv,
+                     relu_mask=dy if fused else None)
+            tops.sdd(dy, x, ro, ri, ci, bm, bk, "tf32", conv)
+            for name, (kernel, args, kwargs) in zip(("dds_nt", "dds_nn", "sdd"), captured[-3:]):
+                yield f"{name} {case}", kernel, args, {**kwargs, "UPCAST": False}
+    finally:
+        tops._launch = saved
+
+
+def candidates(kernel, args, kwargs):
+    """The configs the autotuner would time for this launch (after its pruning)."""
+    import triton
+    from sparsekern.triton import ops as tops
+
+    table = {tops.dds_nt: tops._DDS_NT_CANDIDATES, tops.dds_nn: tops._DDS_NN_CANDIDATES,
+             tops.sdd_k: tops._SDD_CANDIDATES}[kernel]
+    configs = [triton.Config({"BLOCK_R": r, **v}, num_warps=w, num_stages=s)
+               for r, w, s, v in table]
+    named = dict(zip(kernel.fn.arg_names, args))
+    return tops._prune(configs, named, **kwargs)
+
+
+def run(cases, every_candidate=True) -> list[dict]:
+    rows = []
+    for block, dtype, fused in cases:
+        for name, kernel, args, kwargs in launches(block, dtype, fused):
+            configs = candidates(kernel, args, kwargs)
+            for config in configs if every_candidate else configs[:1]:
+                label = " ".join(f"{k}={int(v)}" for k, v in config.kwargs.items())
+                row = {"kernel": name, "block": f"{block[0]}x{block[1]}",
+                       "dtype": _TRITON_TYPES[dtype] + (" fused" if fused else ""),
+                       "config": f"{label} w{config.num_warps} s{config.num_stages}"}
+                try:
+                    row.update(summarize(compile_sm90(kernel, args, kwargs, config),
+                                          config.num_warps))
+                except Exception as err:  # noqa: BLE001 - a candidate that fails is the finding
+                    row.update(error=str(err).strip().splitlines()[-1][:200], bad=["compile"])
+                rows.append(row)
+                print(f"{row['kernel']:12s} {row['block']:6s} {row['dtype']:10s} "
+                      f"{row['config']:34s} " + (f"ERROR {row['error']}" if "error" in row else
+                      f"smem {row['shared']:6d}  wgmma {row['wgmma']:2d}  mma {row['mma']:2d}  "
+                      f"{', '.join(row['loads'])}"), flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 on a compile failure or a narrow tile load")
+    parser.add_argument("--all-blocks", action="store_true",
+                        help="every candidate for every block shape and dtype (slow)")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("triton_codegen: unset TRITON_INTERPRET (the interpreter replaces the "
+                         "kernels)")
+    # every candidate on the target block shape; the first one the autotuner keeps elsewhere
+    rows = run([((64, 64), torch.bfloat16, False), ((64, 64), torch.bfloat16, True)])
+    others = [((b, b), torch.bfloat16, False) for b in (16, 32, 128)]
+    others += [((32, 64), torch.float16, False), ((64, 64), torch.float32, False)]
+    rows += run(others, every_candidate=args.all_blocks)
+    bad = [r for r in rows if r["bad"]]
+    print(f"\n{len(rows)} compiled for sm_90, {len(bad)} with a compile error or a narrow tile "
+          "load")
+    for r in bad:
+        print(f"  {r['kernel']} {r['block']} {r['dtype']} {r['config']}: "
+              f"{r.get('error') or ', '.join(r['bad'])}")
+    return 1 if args.check and bad else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
