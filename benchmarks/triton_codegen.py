@@ -4,10 +4,12 @@ the specialization a real launch gets, and the tile loads are read off the TTGIR
 
     python benchmarks/triton_codegen.py [--check] [--all-blocks]
 
-Per kernel, variant and case it prints shared memory, wgmma / mma.sync counts and the tile
+Per kernel, variant and case it prints shared memory, registers, the CTAs one SM can hold,
+wgmma / mma.sync counts and the tile
 loads: "async xN" = pipelined cp.async of N contiguous elements (16 bytes is the goal), "reg"
 = loaded into registers ahead of use. --check exits 1 if a candidate does not compile, an
-async copy is narrower than it could be, or a 16-bit tile is loaded one element at a time:
+async copy is narrower than it could be, registers spill, or a 16-bit tile is loaded one
+element at a time:
 what the x tile of dds_nt did until col0 % C got a divisibility hint (2-byte loads, outside
 the async pipeline), found this way, not on a GPU. Must run without TRITON_INTERPRET (the interpreter replaces the
 kernels); the tests run it in a subprocess.
@@ -85,8 +87,37 @@ def summarize(compiled, num_warps: int) -> dict:
     scalar = len(_SCALAR_16BIT.findall(ptx))
     if scalar >= 8:
         bad.append(f"{scalar} scalar 16-bit loads")
-    return {"shared": compiled.metadata.shared, "wgmma": ptx.count("wgmma.mma_async"),
-            "mma": ptx.count("mma.sync"), "loads": loads, "bad": bad}
+    regs, local = resource_usage(compiled)
+    if local:
+        bad.append(f"{local} bytes of local memory (register spills)")
+    # CTAs one SM can hold: 64K registers, 228 KB shared memory (H100/H200)
+    threads = 32 * num_warps
+    ctas = min(65536 // max(1, regs * threads), (228 * 1024) // max(1, compiled.metadata.shared),
+               2048 // threads)
+    return {"shared": compiled.metadata.shared, "regs": regs, "ctas_per_sm": ctas,
+            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"), "loads": loads,
+            "bad": bad}
+
+
+def resource_usage(compiled) -> tuple[int, int]:
+    """(registers per thread, local memory bytes per thread) from the cubin, with the
+    cuobjdump that ships with Triton; (0, 0) if it is missing."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    if not os.path.exists(tool):
+        return 0, 0
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return (int(found.group(1)), int(found.group(2)) + int(found.group(3))) if found else (0, 0)
 
 
 def launches(block=(64, 64), dtype=torch.bfloat16, fused=False):
@@ -157,7 +188,8 @@ def run(cases, every_candidate=True) -> list[dict]:
                 rows.append(row)
                 print(f"{row['kernel']:12s} {row['block']:6s} {row['dtype']:10s} "
                       f"{row['config']:34s} " + (f"ERROR {row['error']}" if "error" in row else
-                      f"smem {row['shared']:6d}  wgmma {row['wgmma']:2d}  mma {row['mma']:2d}  "
+                      f"smem {row['shared']:6d}  regs {row['regs']:3d}  CTAs/SM "
+                      f"{row['ctas_per_sm']}  wgmma {row['wgmma']:2d}  mma {row['mma']:2d}  "
                       f"{', '.join(row['loads'])}"), flush=True)
     return rows
 
