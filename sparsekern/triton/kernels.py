@@ -23,19 +23,42 @@ import triton.language as tl
 
 
 @triton.jit
-def _conv_source_rows(rows, n_out, P, Q, H, W, r, s, sh, sw, ph, pw, dh, dw,
-                      IS_CONV: tl.constexpr):
-    """Output pixel rows (n, p, q) -> the input rows (n, h, w) tap (r, s) reads, and validity."""
+def _conv_row_coords(rows, n_out, P, Q, H, sh, sw, ph, pw, IS_CONV: tl.constexpr):
+    """Output pixel rows (n, p, q) -> (n*H, the input row and column that tap (0, 0) reads,
+    valid): the divisions, done once per tile where the rows stay (a runtime integer division
+    costs ~20 instructions per element)."""
     ok = rows < n_out
-    src = rows.to(tl.int64)
+    nh = rows  # linear: the row itself
+    h0 = rows
+    w0 = rows
     if IS_CONV:  # (one return: the compiler checks every return's type, even a dead one's)
         n = rows // (P * Q)
         pq = rows % (P * Q)
-        h = (pq // Q) * sh - ph + r * dh
-        w = (pq % Q) * sw - pw + s * dw
+        nh = n * H
+        h0 = (pq // Q) * sh - ph
+        w0 = (pq % Q) * sw - pw
+    return nh, h0, w0, ok
+
+
+@triton.jit
+def _conv_tap_rows(nh, h0, w0, ok, r, s, H, W, dh, dw, IS_CONV: tl.constexpr):
+    """The input rows (n, h, w) that filter tap (r, s) reads for _conv_row_coords' rows, and
+    validity (zero padding by mask)."""
+    src = nh
+    if IS_CONV:
+        h = h0 + r * dh
+        w = w0 + s * dw
         ok = ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-        src = ((n * H + h) * W + w).to(tl.int64)
-    return src, ok
+        src = (nh + h) * W + w
+    return src.to(tl.int64), ok
+
+
+@triton.jit
+def _conv_source_rows(rows, n_out, P, Q, H, W, r, s, sh, sw, ph, pw, dh, dw,
+                      IS_CONV: tl.constexpr):
+    """Output pixel rows (n, p, q) -> the input rows (n, h, w) tap (r, s) reads, and validity."""
+    nh, h0, w0, ok = _conv_row_coords(rows, n_out, P, Q, H, sh, sw, ph, pw, IS_CONV)
+    return _conv_tap_rows(nh, h0, w0, ok, r, s, H, W, dh, dw, IS_CONV)
 
 
 @triton.jit
@@ -76,15 +99,22 @@ def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr, bias
     else:  # an empty block row still takes one (masked) step per tile, to store its epilogue
         per_tile = tl.maximum(nblk, 1)
         n_iter = tl.minimum(TILES, tl.cdiv(n_out - first, BLOCK_R)) * per_tile
+    if TILES == 1:  # one tile: its rows' pixel coordinates serve every block
+        nh1, h01, w01, ok1 = _conv_row_coords(first + tl.arange(0, BLOCK_R), n_out, P, Q, H, sh,
+                                              sw, ph, pw, IS_CONV)
     for it in range(n_iter):
         t = it // per_tile
         p = start + it - t * per_tile  # stored block (CSR position)
         has = p < start + nblk
         rows = first + t * BLOCK_R + tl.arange(0, BLOCK_R)
-        col0 = tl.load(col_idx_ptr + p, mask=has, other=0).to(tl.int64) * BK  # in [0, R*S*C)
+        col0 = tl.load(col_idx_ptr + p, mask=has, other=0) * BK  # in [0, R*S*C): int32 math
         tap = col0 // C
-        src, ok = _conv_source_rows(rows, n_out, P, Q, H, W, tap // S, tap % S, sh, sw, ph, pw,
-                                    dh, dw, IS_CONV)
+        if TILES == 1:
+            src, ok = _conv_tap_rows(nh1, h01, w01, ok1, tap // S, tap % S, H, W, dh, dw,
+                                     IS_CONV)
+        else:
+            src, ok = _conv_source_rows(rows, n_out, P, Q, H, W, tap // S, tap % S, sh, sw, ph,
+                                        pw, dh, dw, IS_CONV)
         # the hint: the compiler cannot see that a loaded col0 % C is a multiple of BK, and
         # without it the x tile is loaded 2 bytes at a time and outside the async pipeline
         kcol = tl.max_contiguous(tl.multiple_of(col0 % C + offs_k, BK), BK)
@@ -215,7 +245,7 @@ def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
     offs_n = tl.arange(0, GROUP * BK)  # the group's columns, block after block
     blk = offs_n // BK
     has = blk < n_here
-    col0 = tl.load(col_idx_ptr + p + blk, mask=has, other=0).to(tl.int64) * BK  # in [0, R*S*C)
+    col0 = tl.load(col_idx_ptr + p + blk, mask=has, other=0) * BK  # in [0, R*S*C): int32
     tap = col0 // C
     xcol = tl.max_contiguous(tl.multiple_of(col0 % C + offs_n % BK, BK), BK)
     acc = tl.zeros((BM, GROUP * BK), dtype=ACC_DTYPE)
@@ -223,7 +253,7 @@ def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
     hi = tl.minimum(lo + rows_per_split, n_rows_total)
     hi = tl.where(n_here > 0, hi, lo)  # an empty group takes no steps and stores nothing
     if GROUP == 1:
-        tap1 = tl.load(col_idx_ptr + p).to(tl.int64) * BK // C  # one tap: per-row indexing
+        tap1 = tl.load(col_idx_ptr + p) * BK // C  # one tap: per-row indexing
     for r0 in range(lo, hi, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         if GROUP == 1:
