@@ -117,7 +117,10 @@ def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr, bias
                                         pw, dh, dw, IS_CONV)
         # the hint: the compiler cannot see that a loaded col0 % C is a multiple of BK, and
         # without it the x tile is loaded 2 bytes at a time and outside the async pipeline
-        kcol = tl.max_contiguous(tl.multiple_of(col0 % C + offs_k, BK), BK)
+        kc = col0
+        if IS_CONV:  # the channel offset within the tap (linear: col0 < C already)
+            kc = col0 % C
+        kcol = tl.max_contiguous(tl.multiple_of(kc + offs_k, BK), BK)
         x = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_a + kcol[None, :],
                     mask=(ok & has)[:, None], other=0.0)
         w = tl.load(values_ptr + p.to(tl.int64) * (BM * BK) + offs_m[:, None] * BK
