@@ -222,18 +222,22 @@ def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_
 
 @triton.jit
 def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
-               nnz, n_block_cols, n_rows_total, rows_per_split, stride_a, stride_b,
+               nnz, n_block_cols, n_total, per_split, stride_a, stride_b,
                H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
                BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
-               IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-               UPCAST: tl.constexpr):
-    """GROUP = 1: one program per stored block (x split of the reduction rows).
+               Q_POW2: tl.constexpr, IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr,
+               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """GROUP = 1: one program per stored block (x split of the reduction).
     GROUP > 1: one program per GROUP consecutive blocks of one block row (programs past the
     row's end do nothing): the dy tile is loaded once for all of them and the MMA is
     [BM, GROUP*BK] wide, against [BM, BK] per block. Its x columns are gathered per block, so
     the conv instance (a tap per block) computes source rows per column: correct, and left out
-    of autotuning (ops._prune)."""
-    split = tl.program_id(1)  # slice of the reduction rows (batch / output pixels)
+    of autotuning (ops._prune).
+    The reduction runs over n_total rows (linear: the batch) or n_total images (conv), split
+    per_split at a time over program_id(1). Conv steps through tiles of BLOCK_R // QB output
+    rows x QB columns of one image (QB = min(next power of two >= Q, BLOCK_R)): pixel
+    coordinates by shifts, not the four runtime divisions per pixel and step of flat rows."""
+    split = tl.program_id(1)
     if GROUP == 1:
         p = tl.program_id(0)  # stored block (CSR position)
         row0 = tl.load(row_idx_ptr + p) * BM
@@ -245,6 +249,7 @@ def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
         n_here = tl.load(row_offsets_ptr + i + 1) - p  # blocks in this group (<= 0: none)
         row0 = i * BM
     offs_m = tl.arange(0, BM)
+    offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, GROUP * BK)  # the group's columns, block after block
     blk = offs_n // BK
     has = blk < n_here
@@ -252,23 +257,45 @@ def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
     tap = col0 // C
     xcol = tl.max_contiguous(tl.multiple_of(col0 % C + offs_n % BK, BK), BK)
     acc = tl.zeros((BM, GROUP * BK), dtype=ACC_DTYPE)
-    lo = split * rows_per_split
-    hi = tl.minimum(lo + rows_per_split, n_rows_total)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n_total)
+    if IS_CONV:  # steps are pixel tiles: RP output rows x QB columns
+        QB: tl.constexpr = min(Q_POW2, BLOCK_R)
+        RP: tl.constexpr = BLOCK_R // QB
+        n_qt = tl.cdiv(Q, QB)
+        per_image = tl.cdiv(P, RP) * n_qt
+        dp = offs_r // QB  # constexpr powers of two: shifts and masks
+        dq = offs_r % QB
+        tap1 = tl.load(col_idx_ptr + p) * BK // C  # GROUP == 1: the block's one filter tap
+        lo = lo * per_image
+        hi = hi * per_image
+        step = 1
+    else:
+        step = BLOCK_R
     hi = tl.where(n_here > 0, hi, lo)  # an empty group takes no steps and stores nothing
-    if GROUP == 1:
-        tap1 = tl.load(col_idx_ptr + p) * BK // C  # one tap: per-row indexing
-    for r0 in range(lo, hi, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        if GROUP == 1:
-            src, ok = _conv_source_rows(rows, hi, P, Q, H, W, tap1 // S, tap1 % S, sh, sw, ph,
-                                        pw, dh, dw, IS_CONV)
-            src = src[:, None]
-            ok = ok[:, None]
+    for t in range(lo, hi, step):
+        if IS_CONV:
+            n = t // per_image  # scalar: once per step, not per pixel
+            pp = (t % per_image) // n_qt * RP + dp
+            qq = (t % n_qt) * QB + dq
+            row_ok = (pp < P) & (qq < Q)
+            rows = (n * P + pp) * Q + qq  # output pixels: the rows of dy
+            if GROUP == 1:
+                src, ok = _conv_tap_rows(n * H, pp * sh - ph, qq * sw - pw, row_ok, tap1 // S,
+                                         tap1 % S, H, W, dh, dw, IS_CONV)
+                src = src[:, None]
+                ok = ok[:, None]
+            else:
+                src, ok = _conv_tap_rows(n * H, (pp * sh - ph)[:, None], (qq * sw - pw)[:, None],
+                                         row_ok[:, None], (tap // S)[None, :], (tap % S)[None, :],
+                                         H, W, dh, dw, IS_CONV)
         else:
-            src, ok = _conv_source_rows(rows[:, None], hi, P, Q, H, W, (tap // S)[None, :],
-                                        (tap % S)[None, :], sh, sw, ph, pw, dh, dw, IS_CONV)
+            rows = t + offs_r
+            row_ok = rows < hi
+            src = rows.to(tl.int64)[:, None]
+            ok = row_ok[:, None]
         g = tl.load(a_ptr + rows.to(tl.int64)[:, None] * stride_a + (row0 + offs_m)[None, :],
-                    mask=(rows < hi)[:, None], other=0.0)
+                    mask=row_ok[:, None], other=0.0)
         x = tl.load(b_ptr + src * stride_b + xcol[None, :], mask=ok & has[None, :], other=0.0)
         acc = _dot(tl.trans(g), x, acc, PRECISION, UPCAST)
     out = out_ptr + (split * nnz + p + blk).to(tl.int64)[None, :] * (BM * BK) \

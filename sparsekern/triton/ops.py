@@ -80,7 +80,7 @@ dds_nt = triton.autotune(_configs(_DDS_NT_CANDIDATES), key=_DDS_KEY,
 dds_nn = triton.autotune(_configs(_DDS_NN_CANDIDATES), key=_DDS_KEY,
                          **_TUNE)(kernels.dds_nn_kernel)
 sdd_k = triton.autotune(_configs(_SDD_CANDIDATES),
-                        key=["n_rows_total", "rows_per_split", "C", "BM", "BK", "IS_CONV",
+                        key=["n_total", "per_split", "C", "BM", "BK", "Q_POW2", "IS_CONV",
                              "ACC_DTYPE", "PRECISION"], **_TUNE)(kernels.sdd_kernel)
 
 
@@ -183,24 +183,25 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, row_idx: Tensor, col_idx: Ten
     """The launcher behind sparsekern::triton_sdd (eager callers may call it directly)."""
     a, b = _unit_stride(a), _unit_stride(b)
     nnz = row_idx.shape[0]
-    n_total = a.shape[0]
     is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, b.shape[1])
     n_block_cols = R * S * C // bk
-    splits = _sdd_splits(nnz, n_total, a.device)
+    # the reduction: batch rows (linear) or whole images (conv), split when blocks are few
+    n_total = conv[0] if conv else a.shape[0]
+    splits = min(_sdd_splits(nnz, a.shape[0], a.device), max(n_total, 1))
     per_split = -(-n_total // splits) if n_total else 0
     # one split: the kernel stores the blocks in a's dtype; several: fp32 partials, summed here
     acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     out = torch.empty(splits, nnz, bm, bk, dtype=a.dtype if splits == 1 else acc_dtype,
                       device=a.device)
-    if nnz and n_total:
+    if nnz and a.shape[0]:
         mode, upcast = _dot_mode(a.dtype, precision)
         grid = lambda meta: (nnz if meta["GROUP"] == 1 else  # noqa: E731
                              (row_offsets.shape[0] - 1) * triton.cdiv(n_block_cols, meta["GROUP"]),
                              splits)
         _launch(sdd_k, grid, a, b, row_offsets, row_idx, col_idx, out, nnz, n_block_cols, n_total,
                 per_split, a.stride(0), b.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
-                BM=bm, BK=bk, IS_CONV=is_conv, ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode,
-                UPCAST=upcast)
+                BM=bm, BK=bk, Q_POW2=triton.next_power_of_2(Q), IS_CONV=is_conv,
+                ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)
     elif nnz:  # no reduction rows: the gradient is zero
         out.zero_()
     return out[0] if splits == 1 else out.sum(0).to(a.dtype)
