@@ -260,13 +260,14 @@ def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
     lo = split * per_split
     hi = tl.minimum(lo + per_split, n_total)
     if IS_CONV:  # steps are pixel tiles: RP output rows x QB columns
-        QB: tl.constexpr = min(Q_POW2, BLOCK_R)
+        QB: tl.constexpr = Q_POW2 if Q_POW2 < BLOCK_R else BLOCK_R  # (min() folds on 3.6+ only)
         RP: tl.constexpr = BLOCK_R // QB
         n_qt = tl.cdiv(Q, QB)
         per_image = tl.cdiv(P, RP) * n_qt
         dp = offs_r // QB  # constexpr powers of two: shifts and masks
         dq = offs_r % QB
-        tap1 = tl.load(col_idx_ptr + p) * BK // C  # GROUP == 1: the block's one filter tap
+        if GROUP == 1:
+            tap1 = tl.load(col_idx_ptr + p) * BK // C  # the block's one filter tap
         lo = lo * per_image
         hi = hi * per_image
         step = 1

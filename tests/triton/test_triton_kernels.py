@@ -233,17 +233,20 @@ CONV_CASES = [
     (1, 16, 16, 5, 4, 1, 2, 0, 1, (16, 16), "dense"),      # 1x1 stride 2: unread pixels
     (1, 16, 16, 4, 4, 5, 1, 2, 1, (16, 16), "nnz0"),
     (1, 32, 32, 5, 5, 3, 1, 1, 1, (32, 32), "dense"),
+    # non-square everything: an H/W or r/s mix-up in the index math fails here
+    (2, 16, 16, 9, 7, (3, 1), (2, 1), (1, 0), (1, 2), (16, 16), "sparse"),
 ]
 
 
-@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"k{c[5]}s{c[6]}p{c[7]}d{c[8]}")
+@pytest.mark.parametrize("case", CONV_CASES,
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in zip("kspd", c[5:9])))
 def test_conv_matches_f_conv2d(case, gen, backend_spy):
     check_bsr_conv2d(case, "triton", torch.float32, gen, spy=backend_spy, device=DEVICE)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
-@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2], CONV_CASES[4]],
-                         ids=["stride2", "dilation", "nnz0"])
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[2], CONV_CASES[4], CONV_CASES[6]],
+                         ids=["stride2", "dilation", "nnz0", "nonsquare"])
 def test_conv_kernel_variants_match_f_conv2d(case, variant, gen, backend_spy):
     with pinned_variant(variant):
         check_bsr_conv2d(case, "triton", torch.float32, gen, spy=backend_spy, device=DEVICE)
