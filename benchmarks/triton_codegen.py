@@ -64,16 +64,22 @@ def compile_sm90(kernel, args: tuple, kwargs: dict, config):
 _ASYNC = re.compile(r"ttg\.async_copy_global_to_local .*?\{contiguity = (\d+) : i32\} : "
                     r"tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>")
 _REG = re.compile(r"= tt\.load [^\n]*: tensor<(\d+)x(\d+)x!tt\.ptr<(\w+)>")
-_SCALAR_16BIT = re.compile(r"ld\.global(?:\.[a-z0-9_:]+)*?\.[bu]16\b")
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "f64": 8}
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on H100/H200 (227 KB)
 
 
-def summarize(compiled, num_warps: int) -> dict:
+def _scalar_loads(ptx: str, bits: int) -> int:
+    """Global loads of one `bits`-wide element (no .v2/.v4): an unvectorized tile."""
+    return len(re.findall(rf"ld\.global(?:\.[a-z0-9_:]+)*?\.[bu]{bits}\b", ptx))
+
+
+def summarize(compiled, num_warps: int, elem_bytes: int) -> dict:
     """Shared memory, MMA instructions and the 2-D tile loads of one compiled kernel: "async
     xN" (cp.async, N contiguous elements per copy), "reg" (loaded into registers a few
     iterations ahead, e.g. an mma.sync operand used transposed). `bad`: async copies under 16
-    bytes that could be wider (a thread holds more elements than one copy moves) and 16-bit
-    global loads one element at a time (an unvectorized bf16/fp16 tile)."""
+    bytes that could be wider (a thread holds more elements than one copy moves), global loads
+    of the operands' element one at a time (an unvectorized tile), register spills, more shared
+    memory than a block may have."""
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     loads, bad = [], []
     for contiguity, rows, cols, ty in _ASYNC.findall(ttgir):
@@ -82,14 +88,17 @@ def summarize(compiled, num_warps: int) -> dict:
         if ty in _BYTES and int(contiguity) * _BYTES[ty] < 16 and int(contiguity) < per_thread:
             bad.append(loads[-1])
     loads += [f"{rows}x{cols} reg" for rows, cols, ty in _REG.findall(ttgir) if ty in _BYTES]
-    # an epilogue vector in a transposed layout (SWAP's bias) may take a couple of scalar loads;
-    # a tile loaded one element at a time takes dozens (64 for dds_nt's x tile before its hint)
-    scalar = len(_SCALAR_16BIT.findall(ptx))
-    if scalar >= 8:
-        bad.append(f"{scalar} scalar 16-bit loads")
+    # a few scalar loads are indices (32-bit) or an epilogue vector in a transposed layout
+    # (SWAP's bias); a tile loaded one element at a time takes dozens (64 for dds_nt's x tile
+    # before its hint)
+    scalar = _scalar_loads(ptx, 8 * elem_bytes)
+    if scalar >= 12:
+        bad.append(f"{scalar} scalar {8 * elem_bytes}-bit loads")
     regs, local = resource_usage(compiled)
     if local:
         bad.append(f"{local} bytes of local memory (register spills)")
+    if compiled.metadata.shared > SHARED_LIMIT:
+        bad.append(f"{compiled.metadata.shared} bytes of shared memory (limit {SHARED_LIMIT})")
     # CTAs one SM can hold: 64K registers, 228 KB shared memory (H100/H200)
     threads = 32 * num_warps
     ctas = min(65536 // max(1, regs * threads), (228 * 1024) // max(1, compiled.metadata.shared),
@@ -110,6 +119,7 @@ def resource_usage(compiled) -> tuple[int, int]:
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")
     if not os.path.exists(tool):
+        print(f"triton_codegen: no {tool}: registers and spills unknown", flush=True)
         return 0, 0
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -117,7 +127,9 @@ def resource_usage(compiled) -> tuple[int, int]:
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
                              text=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
-    return (int(found.group(1)), int(found.group(2)) + int(found.group(3))) if found else (0, 0)
+    if not found:
+        raise RuntimeError(f"cuobjdump's resource usage not understood: {out[-300:]!r}")
+    return int(found.group(1)), int(found.group(2)) + int(found.group(3))
 
 
 def launches(block=(64, 64), dtype=torch.bfloat16, fused=False):
@@ -182,7 +194,7 @@ def run(cases, every_candidate=True) -> list[dict]:
                        "config": f"{label} w{config.num_warps} s{config.num_stages}"}
                 try:
                     row.update(summarize(compile_sm90(kernel, args, kwargs, config),
-                                          config.num_warps))
+                                         config.num_warps, dtype.itemsize))
                 except Exception as err:  # noqa: BLE001 - a candidate that fails is the finding
                     row.update(error=str(err).strip().splitlines()[-1][:200], bad=["compile"])
                 rows.append(row)

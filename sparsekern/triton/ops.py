@@ -28,18 +28,25 @@ from sparsekern.triton import interpreting, kernels
 
 def _prune(configs, named_args, **kwargs):
     """Drop candidates that cannot pay off for this shape: an fp32 accumulator of BLOCK_R x 128
-    with BLOCK_R = 256 (or BM x GROUP*BK past 128 x 128) does not fit in registers; TILES row
+    with BLOCK_R = 256 (or BM x GROUP*BK past 128 x 128) does not fit in registers, nor an
+    fp32 sdd group's pipeline in shared memory; TILES row
     tiles per program need that many tiles to share out (n_out rows), or programs would idle;
     sdd's GROUP gathers x per column, which for conv means per-column source rows."""
     def arg(name, default=16):
         return kwargs.get(name, named_args.get(name, default))
 
     n_out = arg("n_out", None)
+    a = named_args.get("a_ptr")
+    elem = a.element_size() if isinstance(a, torch.Tensor) else 2
 
     def fits(c):
         group, tiles = c.kwargs.get("GROUP", 1), c.kwargs.get("TILES", 1)
+        # sdd buffers num_stages tiles of dy [BLOCK_R, BM] and x [BLOCK_R, GROUP*BK]: within
+        # the 227 KB of shared memory a block may have (fp32 groups can exceed it)
+        smem = c.num_stages * c.kwargs["BLOCK_R"] * (arg("BM") + group * arg("BK")) * elem
         return (c.kwargs["BLOCK_R"] * max(arg("BM"), arg("BK")) <= 128 * 128
                 and arg("BM") * group * arg("BK") <= 128 * 128
+                and ("GROUP" not in c.kwargs or smem <= 232448)
                 and (group == 1 or not arg("IS_CONV", False))
                 and (tiles == 1 or n_out is None or n_out >= 4 * tiles * c.kwargs["BLOCK_R"]))
 

@@ -120,15 +120,16 @@ def test_sdd_groups_and_row_splits(group, splits, dtype, gen, monkeypatch):
 
 
 def test_autotuning_prunes_what_cannot_pay_off():
-    """Candidates whose accumulator would not fit, TILES without enough row tiles, and sdd
-    groups for conv (per-column source rows) are not timed."""
+    """Candidates whose accumulator or pipeline would not fit, TILES without enough row tiles,
+    and sdd groups for conv (per-column source rows) are not timed."""
     tops = sk_triton._ops()
 
-    def kept(candidates, **args):
+    def kept(candidates, dtype=torch.bfloat16, **args):
         configs = [triton.Config({"BLOCK_R": r, **v}, num_warps=w, num_stages=s)
                    for r, w, s, v in candidates]
+        named = {"a_ptr": torch.empty(0, dtype=dtype)}
         return [(c.kwargs["BLOCK_R"], c.kwargs.get("TILES", 1), c.kwargs.get("GROUP", 1))
-                for c in tops._prune(configs, {}, **args)]
+                for c in tops._prune(configs, named, **args)]
 
     sdd_linear = kept(tops._SDD_CANDIDATES, BM=64, BK=64, IS_CONV=False)
     assert {g for _, _, g in sdd_linear} == {1, 2, 4}
@@ -137,6 +138,11 @@ def test_autotuning_prunes_what_cannot_pay_off():
                                  kept(tops._SDD_CANDIDATES, BM=128, BK=128, IS_CONV=False)} == {1}
     assert all(r <= 128 for r, _, _ in kept(tops._DDS_NT_CANDIDATES, BM=128, BK=128, n_out=4096))
     assert all(t == 1 for _, t, _ in kept(tops._DDS_NT_CANDIDATES, BM=64, BK=64, n_out=300))
+    # fp32 groups of 64-wide blocks: 3 stages of [64, 64 + 4*64] (or [128, 64 + 2*64]) floats
+    # need 240 (288) KB of shared memory, past the 227 KB a block may have
+    fp32 = kept(tops._SDD_CANDIDATES, torch.float32, BM=64, BK=64, IS_CONV=False)
+    assert (64, 1, 4) not in fp32 and (128, 1, 2) not in fp32 and (64, 1, 2) in fp32
+    assert (64, 1, 4) in sdd_linear
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
