@@ -225,18 +225,20 @@ def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
                nnz, n_block_cols, n_total, per_split, stride_a, stride_b,
                H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
                BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
-               Q_POW2: tl.constexpr, IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+               Q_POW2: tl.constexpr, P_POW2: tl.constexpr, IS_CONV: tl.constexpr,
+               ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """GROUP = 1: one program per stored block (x split of the reduction).
     GROUP > 1: one program per GROUP consecutive blocks of one block row (programs past the
     row's end do nothing): the dy tile is loaded once for all of them and the MMA is
     [BM, GROUP*BK] wide, against [BM, BK] per block. Its x columns are gathered per block, so
     the conv instance (a tap per block) computes source rows per column: correct, and left out
     of autotuning (ops._prune).
-    The reduction runs over n_total rows (linear: the batch) or n_total images (conv), split
-    per_split at a time over program_id(1). Conv steps through tiles of BLOCK_R // QB output
-    rows x QB columns of one image (QB = min(next power of two >= Q, BLOCK_R)): pixel
-    coordinates by shifts, not the four runtime divisions per pixel and step of flat rows."""
+    The reduction runs over n_total rows (linear: the batch) or n_total = N*P image rows
+    (conv), split per_split at a time over program_id(1). Conv steps through tiles of
+    RP = BLOCK_R // QB image rows x QB columns (QB = min(next power of two >= Q, BLOCK_R)), the
+    images stacked so that small maps fill the tile: pixel coordinates by shifts (and one
+    division by P unless P_POW2 = P is a power of two), not the four runtime divisions per
+    pixel and step of flat pixel rows."""
     split = tl.program_id(1)
     if GROUP == 1:
         p = tl.program_id(0)  # stored block (CSR position)
@@ -259,39 +261,43 @@ def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
     acc = tl.zeros((BM, GROUP * BK), dtype=ACC_DTYPE)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, n_total)
-    if IS_CONV:  # steps are pixel tiles: RP output rows x QB columns
+    if IS_CONV:  # steps are pixel tiles: RP image rows (n, p) x QB columns
         QB: tl.constexpr = Q_POW2 if Q_POW2 < BLOCK_R else BLOCK_R  # (min() folds on 3.6+ only)
         RP: tl.constexpr = BLOCK_R // QB
         n_qt = tl.cdiv(Q, QB)
-        per_image = tl.cdiv(P, RP) * n_qt
         dp = offs_r // QB  # constexpr powers of two: shifts and masks
         dq = offs_r % QB
         if GROUP == 1:
             tap1 = tl.load(col_idx_ptr + p) * BK // C  # the block's one filter tap
-        lo = lo * per_image
-        hi = hi * per_image
+        n_steps = tl.cdiv(hi - lo, RP) * n_qt
         step = 1
     else:
+        n_steps = hi - lo
         step = BLOCK_R
-    hi = tl.where(n_here > 0, hi, lo)  # an empty group takes no steps and stores nothing
-    for t in range(lo, hi, step):
+    n_steps = tl.where(n_here > 0, n_steps, 0)  # an empty group takes no steps, stores nothing
+    for t in range(0, n_steps, step):
         if IS_CONV:
-            n = t // per_image  # scalar: once per step, not per pixel
-            pp = (t % per_image) // n_qt * RP + dp
+            u = lo + (t // n_qt) * RP + dp  # image rows n*P + p (a tile may span images)
+            if P_POW2 > 0:  # P a power of two: shifts
+                n = u // P_POW2
+            else:
+                n = u // P
+            pp = u - n * P
             qq = (t % n_qt) * QB + dq
-            row_ok = (pp < P) & (qq < Q)
-            rows = (n * P + pp) * Q + qq  # output pixels: the rows of dy
+            row_ok = (u < hi) & (qq < Q)
+            rows = u * Q + qq  # output pixels: the rows of dy
             if GROUP == 1:
                 src, ok = _conv_tap_rows(n * H, pp * sh - ph, qq * sw - pw, row_ok, tap1 // S,
                                          tap1 % S, H, W, dh, dw, IS_CONV)
                 src = src[:, None]
                 ok = ok[:, None]
             else:
-                src, ok = _conv_tap_rows(n * H, (pp * sh - ph)[:, None], (qq * sw - pw)[:, None],
+                src, ok = _conv_tap_rows((n * H)[:, None], (pp * sh - ph)[:, None],
+                                         (qq * sw - pw)[:, None],
                                          row_ok[:, None], (tap // S)[None, :], (tap % S)[None, :],
                                          H, W, dh, dw, IS_CONV)
         else:
-            rows = t + offs_r
+            rows = lo + t + offs_r
             row_ok = rows < hi
             src = rows.to(tl.int64)[:, None]
             ok = row_ok[:, None]

@@ -87,7 +87,8 @@ dds_nt = triton.autotune(_configs(_DDS_NT_CANDIDATES), key=_DDS_KEY,
 dds_nn = triton.autotune(_configs(_DDS_NN_CANDIDATES), key=_DDS_KEY,
                          **_TUNE)(kernels.dds_nn_kernel)
 sdd_k = triton.autotune(_configs(_SDD_CANDIDATES),
-                        key=["n_total", "per_split", "C", "BM", "BK", "Q_POW2", "IS_CONV",
+                        key=["n_total", "per_split", "C", "BM", "BK", "Q_POW2", "P_POW2",
+                             "IS_CONV",
                              "ACC_DTYPE", "PRECISION"], **_TUNE)(kernels.sdd_kernel)
 
 
@@ -192,8 +193,8 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, row_idx: Tensor, col_idx: Ten
     nnz = row_idx.shape[0]
     is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, b.shape[1])
     n_block_cols = R * S * C // bk
-    # the reduction: batch rows (linear) or whole images (conv), split when blocks are few
-    n_total = conv[0] if conv else a.shape[0]
+    # the reduction: batch rows (linear) or image rows n*P + p (conv), split when blocks are few
+    n_total = conv[0] * P if conv else a.shape[0]
     splits = min(_sdd_splits(nnz, a.shape[0], a.device), max(n_total, 1))
     per_split = -(-n_total // splits) if n_total else 0
     # one split: the kernel stores the blocks in a's dtype; several: fp32 partials, summed here
@@ -207,7 +208,8 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, row_idx: Tensor, col_idx: Ten
                              splits)
         _launch(sdd_k, grid, a, b, row_offsets, row_idx, col_idx, out, nnz, n_block_cols, n_total,
                 per_split, a.stride(0), b.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
-                BM=bm, BK=bk, Q_POW2=triton.next_power_of_2(Q), IS_CONV=is_conv,
+                BM=bm, BK=bk, Q_POW2=triton.next_power_of_2(Q),
+                P_POW2=P if P & (P - 1) == 0 else 0, IS_CONV=is_conv,
                 ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)
     elif nnz:  # no reduction rows: the gradient is zero
         out.zero_()

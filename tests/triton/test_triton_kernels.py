@@ -261,13 +261,15 @@ def test_conv_kernel_variants_match_f_conv2d(case, variant, gen, backend_spy):
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("group", [1, 2])
 def test_conv_sdd_pixel_tiles_and_image_splits(splits, group, gen, backend_spy, monkeypatch):
-    """Conv sdd steps through pixel tiles of one image: output maps wider than BLOCK_R (21
-    columns, two column tiles per output row) and narrower (3 columns, several rows per tile),
-    the images split over programs (3 asked, 2 images: 2 splits, fp32 partials)."""
+    """Conv sdd steps through pixel tiles of image rows: output maps wider than BLOCK_R (21
+    columns, two column tiles per output row), narrower (3 columns, several rows per tile, P = 5
+    not a power of two) and tiny (2x2: one tile spans four images, P a power of two: shifts),
+    the image rows split over programs (fp32 partials)."""
     monkeypatch.setattr(sk_triton._ops(), "_sdd_splits", lambda nnz, n, device: splits)
     with sk_triton._ops().pinned_configs(sdd=triton.Config({"BLOCK_R": 16, "GROUP": group})):
         for case in [(2, 16, 16, 3, 21, 3, 1, 1, 1, (16, 16), "sparse"),
-                     (2, 32, 16, 9, 5, 3, 2, 1, 1, (16, 16), "sparse")]:
+                     (2, 32, 16, 9, 5, 3, 2, 1, 1, (16, 16), "sparse"),
+                     (5, 16, 16, 2, 2, 3, 1, 1, 1, (16, 16), "sparse")]:
             check_bsr_conv2d(case, "triton", torch.float32, gen, spy=backend_spy, device=DEVICE)
 
 
