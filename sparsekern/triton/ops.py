@@ -14,6 +14,7 @@ Arguments are the ops.py ones, already checked there; ``precision`` is the float
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Optional
 
@@ -81,7 +82,11 @@ def _configs(candidates):
 
 
 _DDS_KEY = ["n_out", "C", "BM", "BK", "IS_CONV", "ACC_DTYPE", "PRECISION"]
-_TUNE = dict(prune_configs_by={"early_config_prune": _prune})
+# cache_results (triton >= 3.4): the timings go to Triton's cache dir, so a new process skips
+# the first call's tuning (~1 s of compiles per candidate, per kernel and shape)
+_TUNE = dict(prune_configs_by={"early_config_prune": _prune},
+             **({"cache_results": True} if "cache_results" in
+                inspect.signature(triton.autotune).parameters else {}))
 dds_nt = triton.autotune(_configs(_DDS_NT_CANDIDATES), key=_DDS_KEY,
                          **_TUNE)(kernels.dds_nt_kernel)
 dds_nn = triton.autotune(_configs(_DDS_NN_CANDIDATES), key=_DDS_KEY,
