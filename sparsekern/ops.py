@@ -472,11 +472,16 @@ def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm
     """ops.dds with the same arguments and result; the fast path in eager mode."""
     args = (a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
             trans_w, backend, conv, bias, relu, relu_mask)
-    return dds(*args) if _use_registered_ops(a) else _DdsFunction.apply(*args)
+    if _use_registered_ops(a):
+        return dds(*args)
+    # no graph to record (a backward without create_graph, inference): skip the Function's ctx
+    return _DdsFunction.apply(*args) if torch.is_grad_enabled() else _dds_impl(*args)
 
 
 def sdd_call(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
              backend="auto", conv=None) -> Tensor:
     """ops.sdd with the same arguments and result; the fast path in eager mode."""
     args = (a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk, backend, conv)
-    return sdd(*args) if _use_registered_ops(a) else _SddFunction.apply(*args)
+    if _use_registered_ops(a):
+        return sdd(*args)
+    return _SddFunction.apply(*args) if torch.is_grad_enabled() else _sdd_impl(*args)

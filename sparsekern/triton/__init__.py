@@ -35,21 +35,28 @@ def float32_precision() -> str:
     return _float32_precision
 
 
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1: kernels run on CPU tensors through numpy."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 _ops_module = None
 _import_error: Exception | None = None
+_interpreted: bool | None = None  # TRITON_INTERPRET as the kernels were compiled, once imported
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1: kernels run on CPU tensors through numpy. Once the kernels
+    are imported, what they were imported under (Triton reads the variable then; it is also
+    one environment lookup less per call on the hot path)."""
+    if _interpreted is not None:
+        return _interpreted
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _ops():
     """sparsekern.triton.ops (imports triton and registers the triton_ops), or None."""
-    global _ops_module, _import_error
+    global _ops_module, _import_error, _interpreted
     if _ops_module is None and _import_error is None:
+        interpreted = interpreting()
         try:
             _ops_module = importlib.import_module("sparsekern.triton.ops")
+            _interpreted = interpreted
         except ImportError as err:
             _import_error = err
     return _ops_module
