@@ -243,7 +243,7 @@ def main(argv=None):
              for s in sparsities]
     cases += [("conv", ("vgg 128->128 16x16", 128, 128, 16, 128, 32, s)) for s in (0.5, 0.9)]
     cases += [("conv", ("vgg 256->256 8x8", 256, 256, 8, 128, 64, s)) for s in (0.5, 0.9)]
-    sweep = variant_sweep()
+    sweep = variant_sweep(cases=((64, 0.9),) if args.quick else ((64, 0.9), (32, 0.9)))
     write_json(args.json.replace(".json", "_variants.json"), info, sweep)
     profile = host_profile()
     rows = []

@@ -35,8 +35,6 @@ section() {  # section TITLE LOGNAME CMD...: run CMD, keep its whole log, show i
   echo "- triton: $(python -c 'import triton; print(triton.__version__)' 2>&1)"
   section "Build" build env FORCE_CUDA=1 python -m pip install -e . --no-build-isolation --no-deps
   python -c 'import sparsekern; e = sparsekern.ops.native_extension(); print("cuda_compiled:", e.cuda_compiled, "cpu_isa:", e.cpu_isa())' 2>&1
-  # the kernels' code as this machine's triton compiles it (tile loads, registers; no timing)
-  section "Triton code check (sm_90)" triton_codegen python benchmarks/triton_codegen.py --check
   section "CUDA-marked tests" cuda_tests python -m pytest -q -rfE -m cuda tests
   section "Triton tests on the GPU" triton_tests python -m pytest -q -rfE tests/triton
   # the Triton benchmark first: on a short lease it is the number that matters most; the naive
@@ -49,6 +47,8 @@ section() {  # section TITLE LOGNAME CMD...: run CMD, keep its whole log, show i
     fi
     TAIL=300 section "$name" "$name" python "benchmarks/$name.py" "${args[@]}"
   done
+  # the kernels' code as this machine's triton compiles it (tile loads, registers; no timing)
+  section "Triton code check (sm_90)" triton_codegen python benchmarks/triton_codegen.py --check
   # last, bounded: it has crashed on a GPU machine before (SUITE_TIMEOUT seconds, default 300)
   section "Whole test suite" all_tests timeout "${SUITE_TIMEOUT:-300}" python -X faulthandler \
     -m pytest -q -rfE tests
