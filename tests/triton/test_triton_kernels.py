@@ -392,6 +392,7 @@ def test_bench_triton_gpu_smoke(monkeypatch):
     bench.print_report(sweep, [bench.with_ratios(row)], profile)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the GPU suite runs triton_codegen.py --check itself")
 def test_kernels_compile_for_sm90_with_wide_tile_loads():
     """benchmarks/triton_codegen.py --check: every candidate the autotuner would time compiles
     for sm_90 (Triton's ptxas, no GPU needed) and loads its tiles in 16-byte async copies. The
