@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparsekern import backends
@@ -467,6 +468,14 @@ def _use_registered_ops(a: Tensor) -> bool:
             or type(a) not in (Tensor, torch.nn.Parameter))
 
 
+def _records_autograd() -> bool:
+    """False with grad mode off and no forward-mode AD level open (a backward without
+    create_graph, inference): no graph to record, so the products skip the Function's ctx.
+    (Forward AD ignores grad mode: a dual input must still reach the Function, which says that
+    it has no jvp, rather than lose its tangent in a kernel.)"""
+    return torch.is_grad_enabled() or forward_ad._current_level >= 0
+
+
 def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
              trans_w, backend="auto", conv=None, bias=None, relu=False, relu_mask=None) -> Tensor:
     """ops.dds with the same arguments and result; the fast path in eager mode."""
@@ -474,8 +483,7 @@ def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm
             trans_w, backend, conv, bias, relu, relu_mask)
     if _use_registered_ops(a):
         return dds(*args)
-    # no graph to record (a backward without create_graph, inference): skip the Function's ctx
-    return _DdsFunction.apply(*args) if torch.is_grad_enabled() else _dds_impl(*args)
+    return _DdsFunction.apply(*args) if _records_autograd() else _dds_impl(*args)
 
 
 def sdd_call(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
@@ -484,4 +492,4 @@ def sdd_call(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm,
     args = (a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk, backend, conv)
     if _use_registered_ops(a):
         return sdd(*args)
-    return _SddFunction.apply(*args) if torch.is_grad_enabled() else _sdd_impl(*args)
+    return _SddFunction.apply(*args) if _records_autograd() else _sdd_impl(*args)

@@ -797,3 +797,28 @@ def test_backward_reuses_forward_backend(backend_spy, w44):
     assert_close(x.grad, g @ w, torch.float32)
     assert_close(values.grad, oracle_blocks(g.t() @ x.detach().double(), w44.row_idx,
                                             w44.col_idx, 4, 4), torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD uses torch.jit.script
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_grad_mode_off_runs_the_products_without_autograd(backend, monkeypatch):
+    """With grad mode off (inference, a backward without create_graph) the products skip the
+    autograd.Function: same values, no graph. Forward-mode AD ignores grad mode, so a dual
+    input still reaches the Function, which refuses (no jvp) instead of dropping the tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    m = make_matrix((8, 8), "sparse", torch.float64, grid=(3, 3))
+    topo = m.topology()
+    x = torch.randn(5, 24, dtype=torch.float64)
+    applied = []
+    monkeypatch.setattr(ops._DdsFunction, "apply",
+                        lambda *a: applied.append(1) or ops._dds_impl(*a))
+    with torch.no_grad():
+        y = ops.dds_call(x, m.values, *topo, 24, 24, True, backend)
+    assert not applied and not y.requires_grad
+    assert_close(y, ops.dds_call(x, m.values, *topo, 24, 24, True, "reference"), torch.float64)
+    monkeypatch.undo()
+    with fwAD.dual_level(), torch.no_grad():
+        xd = fwAD.make_dual(x, torch.randn_like(x))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            ops.dds_call(xd, m.values, *topo, 24, 24, True, backend)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 
 import torch
 
@@ -37,26 +38,29 @@ def float32_precision() -> str:
 
 _ops_module = None
 _import_error: Exception | None = None
-_interpreted: bool | None = None  # TRITON_INTERPRET as the kernels were compiled, once imported
+_interpreted: bool | None = None  # whether the kernels were compiled for the interpreter
+_TRUE = ("1", "true", "on", "yes", "y")
 
 
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1: kernels run on CPU tensors through numpy. Once the kernels
-    are imported, what they were imported under (Triton reads the variable then; it is also
-    one environment lookup less per call on the hot path)."""
-    if _interpreted is not None:
-        return _interpreted
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    are imported, whether they were compiled for the interpreter (Triton reads the variable
+    then, and a later change does not recompile them); before, what Triton will read."""
+    global _interpreted
+    if _interpreted is None:
+        kernels = sys.modules.get("sparsekern.triton.kernels")
+        if getattr(kernels, "sdd_kernel", None) is None:
+            return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+        _interpreted = type(kernels.sdd_kernel).__name__ == "InterpretedFunction"
+    return _interpreted
 
 
 def _ops():
     """sparsekern.triton.ops (imports triton and registers the triton_ops), or None."""
-    global _ops_module, _import_error, _interpreted
+    global _ops_module, _import_error
     if _ops_module is None and _import_error is None:
-        interpreted = interpreting()
         try:
             _ops_module = importlib.import_module("sparsekern.triton.ops")
-            _interpreted = interpreted
         except ImportError as err:
             _import_error = err
     return _ops_module
