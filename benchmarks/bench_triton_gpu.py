@@ -157,7 +157,6 @@ def variant_sweep(n=4096, batch=4096, cases=((64, 0.9), (32, 0.9))) -> list[dict
     graph replays) on the issue's target shapes: what each variant (TILES, SWAP, GROUP, BLOCK_R,
     warps, stages) buys, whatever the autotuner picks. dds_nn and sdd take x as dy (same shapes
     for a square W)."""
-    import triton
     from sparsekern.reference import dense_to_blocks
     from sparsekern.triton import ops as tops
 
@@ -179,9 +178,8 @@ def variant_sweep(n=4096, batch=4096, cases=((64, 0.9), (32, 0.9))) -> list[dict
         for kernel, candidates in (("dds_nt", tops._DDS_NT_CANDIDATES),
                                    ("dds_nn", tops._DDS_NN_CANDIDATES),
                                    ("sdd", tops._SDD_CANDIDATES)):
-            for r, warps, stages, variant in candidates:
-                config = triton.Config({"BLOCK_R": r, **variant}, num_warps=warps,
-                                       num_stages=stages)
+            for (r, warps, stages, variant), config in zip(candidates,
+                                                          tops.candidate_configs(candidates)):
                 try:
                     with tops.pinned_configs(**{kernel: config}):
                         got = products[kernel]()

@@ -10,8 +10,8 @@ contiguous elements (16 bytes is the goal), "reg" = loaded into registers ahead 
 --check exits 1 if a candidate does not compile, an async copy is narrower than it could be,
 more than a few registers spill, shared memory exceeds a block's, or a tile is loaded one
 element at a time: what the x tile of dds_nt did until col0 % C got a divisibility hint
-(2-byte loads, outside the async pipeline), found this way, not on a GPU. Must run without TRITON_INTERPRET (the interpreter replaces the kernels);
-the tests run it in a subprocess.
+(2-byte loads, outside the async pipeline), found this way, not on a GPU. Must run without
+TRITON_INTERPRET (the interpreter replaces the kernels); the tests run it in a subprocess.
 """
 from __future__ import annotations
 
@@ -170,13 +170,11 @@ def launches(block=(64, 64), dtype=torch.bfloat16, fused=False):
 
 def candidates(kernel, args, kwargs):
     """The configs the autotuner would time for this launch (after its pruning)."""
-    import triton
     from sparsekern.triton import ops as tops
 
     table = {tops.dds_nt: tops._DDS_NT_CANDIDATES, tops.dds_nn: tops._DDS_NN_CANDIDATES,
              tops.sdd_k: tops._SDD_CANDIDATES}[kernel]
-    configs = [triton.Config({"BLOCK_R": r, **v}, num_warps=w, num_stages=s)
-               for r, w, s, v in table]
+    configs = tops.candidate_configs(table)
     named = dict(zip(kernel.fn.arg_names, args))
     return tops._prune(configs, named, **kwargs)
 
@@ -212,7 +210,9 @@ def main(argv=None) -> int:
     parser.add_argument("--all-blocks", action="store_true",
                         help="every candidate for every block shape and dtype (slow)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    from sparsekern.triton import interpreting
+
+    if interpreting():
         raise SystemExit("triton_codegen: unset TRITON_INTERPRET (the interpreter replaces the "
                          "kernels)")
     # every candidate on the target block shape; the first one the autotuner keeps elsewhere

@@ -30,9 +30,9 @@ from sparsekern.triton import interpreting, kernels
 def _prune(configs, named_args, **kwargs):
     """Drop candidates that cannot pay off for this shape: an fp32 accumulator of BLOCK_R x 128
     with BLOCK_R = 256 (or BM x GROUP*BK past 128 x 128) does not fit in registers, nor an
-    fp32 sdd group's pipeline in shared memory; TILES row
-    tiles per program need that many tiles to share out (n_out rows), or programs would idle;
-    sdd's GROUP gathers x per column, which for conv means per-column source rows."""
+    fp32 sdd group's pipeline in shared memory; TILES row tiles per program need that many
+    tiles to share out (n_out rows), or programs would idle; sdd's GROUP gathers x per column,
+    which for conv means per-column source rows."""
     def arg(name, default=16):
         return kwargs.get(name, named_args.get(name, default))
 
@@ -70,15 +70,20 @@ _SDD_CANDIDATES = [(32, 4, 3, dict(GROUP=1)), (64, 4, 3, dict(GROUP=1)), (64, 8,
                    (32, 4, 4, dict(GROUP=4)), (128, 8, 3, dict(GROUP=2))]
 
 
-def _configs(candidates):
-    """triton.Configs of the candidates. Only the first one's variant, with a small BLOCK_R,
-    under the interpreter (it runs every program in numpy) or with SPARSEKERN_TRITON_AUTOTUNE=0
-    (tests: every new shape would otherwise compile every candidate; tests that cover the
-    variants pin them with `pinned_configs`)."""
-    if interpreting() or os.environ.get("SPARSEKERN_TRITON_AUTOTUNE", "1") == "0":
-        candidates = [(16 if interpreting() else 64, 4, 2, candidates[0][3])]
+def candidate_configs(candidates) -> list[triton.Config]:
+    """triton.Configs of (BLOCK_R, num_warps, num_stages, variant switches) candidates."""
     return [triton.Config({"BLOCK_R": r, **variant}, num_warps=w, num_stages=s)
             for r, w, s, variant in candidates]
+
+
+def _configs(candidates):
+    """The autotuner's configs: all the candidates, except under the interpreter (it runs every
+    program in numpy) or with SPARSEKERN_TRITON_AUTOTUNE=0 (tests: every new shape would
+    otherwise compile every candidate; tests that cover the variants pin them with
+    `pinned_configs`): only the first one's variant, with a small BLOCK_R."""
+    if interpreting() or os.environ.get("SPARSEKERN_TRITON_AUTOTUNE", "1") == "0":
+        candidates = [(16 if interpreting() else 64, 4, 2, candidates[0][3])]
+    return candidate_configs(candidates)
 
 
 _DDS_KEY = ["n_out", "C", "BM", "BK", "IS_CONV", "ACC_DTYPE", "PRECISION"]
@@ -93,8 +98,7 @@ dds_nn = triton.autotune(_configs(_DDS_NN_CANDIDATES), key=_DDS_KEY,
                          **_TUNE)(kernels.dds_nn_kernel)
 sdd_k = triton.autotune(_configs(_SDD_CANDIDATES),
                         key=["n_total", "per_split", "C", "BM", "BK", "Q_POW2", "P_POW2",
-                             "IS_CONV",
-                             "ACC_DTYPE", "PRECISION"], **_TUNE)(kernels.sdd_kernel)
+                             "IS_CONV", "ACC_DTYPE", "PRECISION"], **_TUNE)(kernels.sdd_kernel)
 
 
 @contextlib.contextmanager

@@ -125,11 +125,9 @@ def test_autotuning_prunes_what_cannot_pay_off():
     tops = sk_triton._ops()
 
     def kept(candidates, dtype=torch.bfloat16, **args):
-        configs = [triton.Config({"BLOCK_R": r, **v}, num_warps=w, num_stages=s)
-                   for r, w, s, v in candidates]
         named = {"a_ptr": torch.empty(0, dtype=dtype)}
         return [(c.kwargs["BLOCK_R"], c.kwargs.get("TILES", 1), c.kwargs.get("GROUP", 1))
-                for c in tops._prune(configs, named, **args)]
+                for c in tops._prune(tops.candidate_configs(candidates), named, **args)]
 
     sdd_linear = kept(tops._SDD_CANDIDATES, BM=64, BK=64, IS_CONV=False)
     assert {g for _, _, g in sdd_linear} == {1, 2, 4}
