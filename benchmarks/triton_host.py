@@ -1,0 +1,274 @@
+"""Host time of eager calls through the Triton backend, measured without a GPU.
+
+`CompileOnlyDriver` stands in for Triton's CUDA driver: it compiles for sm_90 as the real one
+would (Triton's bundled ptxas) and launches nothing, so Triton's whole per-call path (the
+autotuner, the JIT's binder and caches), our launchers and autograd run as they do on a GPU
+machine, on CPU tensors that stand in for CUDA ones. What it leaves out: the GPU's work, the C
+launcher (a few us a launch) and CUDA allocations.
+
+    python benchmarks/triton_host.py [--check] [--profile]
+
+Prints microseconds of host time per eager call (forward under no_grad, forward+backward) of a
+sparse Linear and a 3x3 conv, side by side: launches through Triton's own path (the autotuner
+and the JIT per call; what a launch hook, a profiler's say, gets) and ops._launch's direct
+launches of the kernel compiled for those arguments. --check (the tests run it in a subprocess without
+TRITON_INTERPRET; give it a fresh TRITON_CACHE_DIR) exits 1 unless: the autotuner's path with
+two candidates per kernel and its on-disk cache works (a tl.dtype in a tuning key raised
+TypeError there after the first tuning, on the GPU too); and the direct launches of ops._launch
+hand the launcher the same kernel, grid and arguments as Triton's own path did.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+
+class _Utils:
+    loaded = 0
+
+    def load_binary(self, name, kernel, shared, device):
+        _Utils.loaded += 1  # a token per loaded kernel: launches show which kernel they ran
+        # module, function, registers, spills, threads (a module: Triton loads a kernel once)
+        return _Utils.loaded, _Utils.loaded, 64, 0, 1024
+
+    def unload_module(self, module):
+        pass
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536,
+                "warpSize": 32}
+
+
+class CompileOnlyDriver:
+    """Triton's driver interface for an sm_90 target with no device: kernels compile, launches
+    are recorded in `launches` (grid, kernel, kernel metadata, arguments) when `record` is
+    set."""
+
+    def __init__(self):
+        self.utils = _Utils()
+        self.launches: list = []
+        self.record = False
+        self.benchmarked = 0
+        owner = self
+
+        class Launcher:
+            def __init__(self, src, metadata):
+                pass
+
+            def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata,
+                         enter_hook, exit_hook, *args):
+                if owner.record:
+                    owner.launches.append(((gx, gy, gz), function, packed_metadata, args))
+
+        self.launcher_cls = Launcher
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    def get_benchmarker(self):
+        def do_bench(fn, quantiles=None, **kwargs):  # the autotuner's timing: a launch each
+            fn()
+            self.benchmarked += 1
+            t = 1.0 / self.benchmarked  # the last one timed wins: not the first config
+            return [t, t, t] if quantiles else t
+        return do_bench
+
+    def get_empty_cache_for_benchmark(self):
+        return torch.empty(16)
+
+    def clear_cache(self, cache):
+        pass
+
+
+def install() -> CompileOnlyDriver:
+    """Make Triton use a CompileOnlyDriver and the Triton backend take CPU tensors."""
+    from triton.runtime.driver import driver
+
+    import sparsekern.triton as sk_triton
+
+    if sk_triton.interpreting():
+        raise SystemExit("triton_host: unset TRITON_INTERPRET (the interpreter replaces the "
+                         "kernels)")
+    fake = CompileOnlyDriver()
+    driver.set_active(fake)
+    sk_triton.TritonBackend.refuse = lambda self, *args, **kwargs: None
+    return fake
+
+
+def cases():
+    """(name, forward, forward+backward) eager calls on small CPU tensors (so the few ATen ops
+    that do run, a bias gradient's sum say, cost little): a 512x512 Linear with bias, batch
+    64 (also with x 2 bytes off alignment, and batch 40: other specializations of the same
+    kernels), and a 3x3 64->64 conv on 8x8 maps, batch 2; 64x64 / 32x32 blocks at 50%."""
+    import sparsekern
+    from sparsekern.bsr import BlockSparseMatrix
+
+    torch.manual_seed(0)
+    dt = torch.bfloat16
+    w = BlockSparseMatrix.random((512, 512), (64, 64), 0.5, dtype=dt)
+    values = w.values.clone().requires_grad_()
+    wg = w.with_values(values)
+    bias = torch.randn(512, dtype=dt, requires_grad=True)
+    x = torch.randn(64, 512, dtype=dt, requires_grad=True)
+    # the same rows 2 bytes off 16-byte alignment: Triton compiles another kernel for them
+    x_off = torch.randn(64 * 512 + 1, dtype=dt)[1:].view(64, 512).requires_grad_()
+    g = torch.randn(64, 512, dtype=dt)
+    # 40 rows: not a multiple of 16, another specialization of the batch size
+    x40, g40 = torch.randn(40, 512, dtype=dt, requires_grad=True), torch.randn(40, 512, dtype=dt)
+
+    conv = sparsekern.SparseConv2d(64, 64, 3, padding=1, block_size=(32, 32), density=0.5,
+                                   backend="triton").to(dt)
+    xc = torch.randn(2, 64, 8, 8, dtype=dt, requires_grad=True).contiguous(
+        memory_format=torch.channels_last)
+    gc = torch.randn(2, 64, 8, 8, dtype=dt).contiguous(memory_format=torch.channels_last)
+    conv_params = [xc] + [p for p in conv.parameters() if p.requires_grad]
+
+    for name, fn, grad, inputs in (
+            ("linear", lambda: sparsekern.bsr_linear(x, wg, bias, backend="triton"), g,
+             (x, values, bias)),
+            ("linear, unaligned x", lambda: sparsekern.bsr_linear(x_off, wg, bias,
+                                                                  backend="triton"),
+             g, (x_off, values, bias)),
+            ("linear, batch 40", lambda: sparsekern.bsr_linear(x40, wg, bias, backend="triton"),
+             g40, (x40, values, bias)),
+            ("conv", lambda: conv(xc), gc, conv_params)):
+        def forward(fn=fn):
+            with torch.no_grad():
+                fn()
+
+        def forward_backward(fn=fn, grad=grad, inputs=inputs):
+            torch.autograd.grad(fn(), inputs, grad)
+        yield name, forward, forward_backward
+
+
+def host_us(fn, calls=200, repeats=5) -> float:
+    """Best over `repeats` of the mean host time per call, microseconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+    return best
+
+
+def _comparable(args) -> list:
+    """Launch arguments with tensors as (dtype, shape, stride): outputs are new every call."""
+    return [(a.dtype, tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a
+            for a in args]
+
+
+def _launches(fake: CompileOnlyDriver, fn) -> list:
+    fake.launches.clear()
+    fake.record = True
+    try:
+        fn()
+    finally:
+        fake.record = False
+    return [(grid, function, meta, _comparable(args))
+            for grid, function, meta, args in fake.launches]
+
+
+def check(fake: CompileOnlyDriver) -> list[str]:
+    """Problems found (empty when none): see the module docstring. Per case, Triton's own path
+    (forced by a launch hook, as a profiler's would) is the reference for the launches that
+    follow; the cases share shapes and weights, so a launch cache keyed too coarsely (say,
+    without the pointers' alignment) would launch an earlier case's kernel."""
+    import triton
+
+    from sparsekern.triton import ops as tops
+
+    problems = []
+    for tuner in (tops.dds_nt, tops.dds_nn, tops.sdd_k):
+        tuner.configs = tuner.configs[:2]  # tune (and cache to disk) over two: quick
+    hooks = triton.knobs.runtime.launch_enter_hook
+
+    def hook(metadata):
+        pass
+
+    for name, _, forward_backward in cases():
+        hooks.add(hook)
+        try:
+            forward_backward()  # tunes and compiles
+            reference = _launches(fake, forward_backward)
+        except Exception as err:  # noqa: BLE001 - the failure is the finding
+            return problems + [f"{name}: {type(err).__name__}: {err}"]
+        finally:
+            hooks.remove(hook)
+        # the first call fills the launch cache (through Triton's path), the next ones use it
+        calls = [_launches(fake, forward_backward) for _ in range(3)]
+        if not reference or any(c != reference for c in calls):
+            problems.append(f"{name}: direct launches differ from Triton's path:\n"
+                            f"  Triton's: {reference}\n  direct: {calls}")
+    if not fake.benchmarked:
+        problems.append("the autotuner timed no config")
+    if not tops._compiled:
+        problems.append("no launch went the direct way (ops._compiled is empty)")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the tuned or the direct launch path misbehaves")
+    parser.add_argument("--profile", action="store_true",
+                        help="also a cProfile of the forward+backward calls")
+    args = parser.parse_args(argv)
+    fake = install()
+    import triton
+
+    if args.check:
+        problems = check(fake)
+        print("\n".join(problems) or "triton_host check: tuned and direct launches agree")
+        return 1 if problems else 0
+    hooks = triton.knobs.runtime.launch_enter_hook
+
+    def hook(metadata):
+        pass
+
+    print(f"{'':20s} {'forward us':>22s} {'forward+backward us':>24s}\n{'':20s} "
+          f"{'Triton path':>11s} {'direct':>10s} {'Triton path':>13s} {'direct':>10s}  launches")
+    for name, forward, forward_backward in cases():
+        forward_backward()  # tune and compile
+        launches = _launches(fake, forward_backward)
+        times = []
+        for triton_path in (True, False):  # a launch hook sends ops._launch Triton's way
+            if triton_path:
+                hooks.add(hook)
+            try:
+                times += [host_us(forward), host_us(forward_backward)]
+            finally:
+                hooks.remove(hook)
+        print(f"{name:20s} {times[0]:11.1f} {times[2]:10.1f} {times[1]:13.1f} {times[3]:10.1f}"
+              f"  {len(launches)}", flush=True)
+        if args.profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.runcall(lambda: [forward_backward() for _ in range(200)])
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
