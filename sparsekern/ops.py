@@ -213,7 +213,6 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
     if conv:
         _check_conv(conv, n_cols, bk)
         N, H, W, C, *_, P, Q = conv
-        out_hw = (P, Q) if trans_w else (H, W)  # the output's spatial size
         if trans_w:
             _check_conv_activation(a, "conv input", N, C, H, W, values.dtype, values.device)
         else:
@@ -229,9 +228,19 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
         raise ValueError("relu applies to x @ W^T only (trans_w=True)")
     if relu_mask is not None:
         relu_mask = _relu_mask_like(relu_mask, a, trans_w)
+    return _dds_checked(a, values, topo, n_rows, n_cols, trans_w, backend, conv, bias, relu,
+                        relu_mask)
+
+
+def _dds_checked(a, values, topo, n_rows, n_cols, trans_w, backend, conv, bias, relu, relu_mask):
+    """_dds_impl after its checks (a channels_last conv comes back as its rows, checked)."""
+    bm, bk = values.shape[1], values.shape[2]
+    if conv:
+        N, H, W, *_, P, Q = conv
+        out_hw = (P, Q) if trans_w else (H, W)  # the output's spatial size
     if conv and is_channels_last(a):  # run on the rows it holds, no copy
-        out = _dds_impl(_rows_view(a), values, *topo, n_rows, n_cols, trans_w, backend, conv,
-                        bias, relu, None if relu_mask is None else _rows_view(relu_mask))
+        out = _dds_checked(_rows_view(a), values, topo, n_rows, n_cols, trans_w, backend, conv,
+                           bias, relu, None if relu_mask is None else _rows_view(relu_mask))
         return _rows_as_channels_last(out, N, *out_hw)
     impl = backends.select("dds", backend, a, values.dtype, trans_w, bool(conv), (bm, bk))
     fused = {"bias": bias} if bias is not None and impl.fused_bias else {}
@@ -328,8 +337,8 @@ def _sdd_impl(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_id
         _check_topology(topo, col_idx.shape[0], a.shape[1], b.shape[1], bm, bk, a.device)
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"sdd operands have batch {a.shape[0]} and {b.shape[0]}")
-    if conv and is_channels_last(a):
-        return _sdd_impl(_rows_view(a), _rows_view(b), *topo, bm, bk, backend, conv)
+    if conv and is_channels_last(a):  # run on the rows they hold, no copy
+        a, b = _rows_view(a), _rows_view(b)
     impl = backends.select("sdd", backend, a, a.dtype, True, bool(conv), (bm, bk))
     if conv and a.dim() == 4 and not impl.nchw:
         return impl.sdd(nchw_to_rows(a), nchw_to_rows(b), topo, bm, bk, conv)

@@ -195,6 +195,11 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
                  compiled.packed_metadata, None, None, None, *args, *constants)
 
 
+def _cdiv(a: int, b: int) -> int:
+    """Ceiling division (triton.cdiv is a constexpr function: ~4 us a call on the host)."""
+    return -(-a // b)
+
+
 def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -218,7 +223,7 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, t_offse
         out = a.new_empty(n_out, n_rows)
         if out.numel() == 0:
             return out
-        grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"] * meta["TILES"]),  # noqa: E731
+        grid = lambda meta: (_cdiv(n_out, meta["BLOCK_R"] * meta["TILES"]),  # noqa: E731
                              n_rows // bm)
         _launch(dds_nt, grid, a, values, row_offsets, col_idx, out,
                 bias.contiguous() if bias is not None else out, n_out, a.stride(0),
@@ -229,7 +234,7 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, t_offse
     out = a.new_empty(n_out, C)
     if out.numel() == 0:
         return out
-    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_R"]), C // bk)  # noqa: E731
+    grid = lambda meta: (_cdiv(n_out, meta["BLOCK_R"]), C // bk)  # noqa: E731
     _launch(dds_nn, grid, a, values, t_offsets, t_rows, t_perm, out,
             relu_mask if relu_mask is not None else a, n_out, a.stride(0), out.stride(0),
             H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw, HAS_MASK=relu_mask is not None,
@@ -263,11 +268,11 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, row_idx: Tensor, col_idx: Ten
     if nnz and a.shape[0]:
         mode, upcast = _dot_mode(a.dtype, precision)
         grid = lambda meta: (nnz if meta["GROUP"] == 1 else  # noqa: E731
-                             (row_offsets.shape[0] - 1) * triton.cdiv(n_block_cols, meta["GROUP"]),
+                             (row_offsets.shape[0] - 1) * _cdiv(n_block_cols, meta["GROUP"]),
                              splits)
         _launch(sdd_k, grid, a, b, row_offsets, row_idx, col_idx, out, nnz, n_block_cols, n_total,
                 per_split, a.stride(0), b.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
-                BM=bm, BK=bk, Q_POW2=triton.next_power_of_2(Q),
+                BM=bm, BK=bk, Q_POW2=1 << (Q - 1).bit_length(),
                 P_POW2=P if P & (P - 1) == 0 else 0, IS_CONV=is_conv,
                 ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)
     elif nnz:  # no reduction rows: the gradient is zero
