@@ -11,11 +11,13 @@ launcher (a few us a launch) and CUDA allocations.
 Prints microseconds of host time per eager call (forward under no_grad, forward+backward) of a
 sparse Linear and a 3x3 conv, side by side: launches through Triton's own path (the autotuner
 and the JIT per call; what a launch hook, a profiler's say, gets) and ops._launch's direct
-launches of the kernel compiled for those arguments. --check (the tests run it in a subprocess without
-TRITON_INTERPRET; give it a fresh TRITON_CACHE_DIR) exits 1 unless: the autotuner's path with
-two candidates per kernel and its on-disk cache works (a tl.dtype in a tuning key raised
-TypeError there after the first tuning, on the GPU too); and the direct launches of ops._launch
-hand the launcher the same kernel, grid and arguments as Triton's own path did.
+launches of the kernel compiled for those arguments.
+
+--check (the tests run it in a subprocess without TRITON_INTERPRET) exits 1 unless: the
+autotuner's path with two candidates per kernel and its on-disk cache (a fresh one) work, the
+tunings written and read back (a tl.dtype in a tuning key raised TypeError there after the
+first tuning, on the GPU too); and the direct launches of ops._launch hand the launcher the
+same kernel, grid and arguments as Triton's own path did.
 """
 from __future__ import annotations
 
@@ -197,7 +199,8 @@ def check(fake: CompileOnlyDriver) -> list[str]:
     from sparsekern.triton import ops as tops
 
     problems = []
-    for tuner in (tops.dds_nt, tops.dds_nn, tops.sdd_k):
+    tuners = (tops.dds_nt, tops.dds_nn, tops.sdd_k)
+    for tuner in tuners:
         tuner.configs = tuner.configs[:2]  # tune (and cache to disk) over two: quick
     hooks = triton.knobs.runtime.launch_enter_hook
 
@@ -220,6 +223,15 @@ def check(fake: CompileOnlyDriver) -> list[str]:
                             f"  Triton's: {reference}\n  direct: {calls}")
     if not fake.benchmarked:
         problems.append("the autotuner timed no config")
+    # a new process: the tunings come from the disk cache, the kernels launch as before
+    timed = fake.benchmarked
+    tops._compiled.clear()
+    for tuner in tuners:
+        tuner.cache.clear()
+    for name, _, forward_backward in cases():
+        forward_backward()
+    if fake.benchmarked != timed:
+        problems.append("the tunings cached on disk were not used")
     if not tops._compiled:
         problems.append("no launch went the direct way (ops._compiled is empty)")
     return problems
@@ -236,6 +248,10 @@ def main(argv=None) -> int:
     import triton
 
     if args.check:
+        import tempfile
+
+        # a cold cache: the tuning runs, and its results are written and read back
+        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_host_")
         problems = check(fake)
         print("\n".join(problems) or "triton_host check: tuned and direct launches agree")
         return 1 if problems else 0
