@@ -414,10 +414,11 @@ def test_kernels_compile_for_sm90_with_wide_tile_loads():
 def test_tuned_and_direct_launches_without_gpu():
     """benchmarks/triton_host.py --check: with a driver that compiles for sm_90 and records
     launches instead of making them, the autotuner's path (two candidates per kernel, timings
-    written to a fresh disk cache and read back) works, and ops._launch's direct launches hand the launcher the same kernel,
-    grid and arguments as Triton's own path, across specializations (unaligned x, a batch not a
-    multiple of 16) of the same kernels. The interpreter runs neither path: a tl.dtype in a
-    tuning key failed only there (TypeError writing the cache; it would have on the GPU too)."""
+    written to a fresh disk cache and read back) works, and ops._launch's direct launches hand
+    the launcher the same kernel, grid and arguments as Triton's own path, across
+    specializations (unaligned x, a batch not a multiple of 16) of the same kernels. The
+    interpreter runs neither path: a tl.dtype in a tuning key failed only in the compiled one
+    (TypeError writing the cache; it would have on the GPU too)."""
     import subprocess
     import sys
 
