@@ -54,11 +54,26 @@ def rel_err(out, ref) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
 
 
-def linear_case(n, batch, blk, sparsity):
+def linear_operands(n, batch, blk, sparsity, device=None):
+    """W [n, n] in blk x blk blocks and x [batch, n], seeded: the shapes (and so the kernels'
+    specializations: nnz, rows) of every linear case in one place, which triton_warm_cache.py
+    replays on the CPU to compile the kernels ahead."""
     torch.manual_seed(0)
-    w = BlockSparseMatrix.random((n, n), (blk, blk), 1 - sparsity, dtype=DTYPE).to(DEVICE)
+    w = BlockSparseMatrix.random((n, n), (blk, blk), 1 - sparsity, dtype=DTYPE).to(
+        device or DEVICE)
+    return w, torch.randn(batch, n, device=device or DEVICE, dtype=DTYPE)
+
+
+def conv_layer(c_in, c_out, blk, sparsity, device=None):
+    """The 3x3 SparseConv2d of a conv case, seeded (as linear_operands)."""
+    torch.manual_seed(0)
+    return sparsekern.SparseConv2d(c_in, c_out, 3, padding=1, bias=False, block_size=(blk, blk),
+                                   density=1 - sparsity).to(device or DEVICE, DTYPE)
+
+
+def linear_case(n, batch, blk, sparsity):
+    w, x = linear_operands(n, batch, blk, sparsity)
     w_dense = w.to_dense().contiguous()
-    x = torch.randn(batch, n, device=DEVICE, dtype=DTYPE)
     ref = F.linear(x, w_dense)
     out = sparsekern.bsr_linear(x, w, backend="triton")
     err = rel_err(out, ref)
@@ -104,9 +119,8 @@ def host_profile(n=4096, batch=256, blk=64, sparsity=0.9, calls=100, top=25) -> 
     import io
     import pstats
 
-    torch.manual_seed(0)
-    w = BlockSparseMatrix.random((n, n), (blk, blk), 1 - sparsity, dtype=DTYPE).to(DEVICE)
-    x = torch.randn(batch, n, device=DEVICE, dtype=DTYPE, requires_grad=True)
+    w, x = linear_operands(n, batch, blk, sparsity)
+    x.requires_grad_()
     values = w.values.clone().requires_grad_()
     wg = w.with_values(values)
     g = torch.randn(batch, n, device=DEVICE, dtype=DTYPE)
@@ -162,9 +176,7 @@ def variant_sweep(n=4096, batch=4096, cases=((64, 0.9), (32, 0.9))) -> list[dict
 
     rows = []
     for blk, sparsity in cases:
-        torch.manual_seed(0)
-        w = BlockSparseMatrix.random((n, n), (blk, blk), 1 - sparsity, dtype=DTYPE).to(DEVICE)
-        x = torch.randn(batch, n, device=DEVICE, dtype=DTYPE)
+        w, x = linear_operands(n, batch, blk, sparsity)
         ro, ci, ri, to, tr, tp = w.topology()
         w_dense = w.to_dense()
         dense_ms = graph_ms(lambda: x @ w_dense.t())
@@ -198,9 +210,7 @@ def variant_sweep(n=4096, batch=4096, cases=((64, 0.9), (32, 0.9))) -> list[dict
 
 
 def conv_case(name, c_in, c_out, hw, batch, blk, sparsity):
-    torch.manual_seed(0)
-    layer = sparsekern.SparseConv2d(c_in, c_out, 3, padding=1, bias=False, block_size=(blk, blk),
-                                    density=1 - sparsity).to(DEVICE, DTYPE)
+    layer = conv_layer(c_in, c_out, blk, sparsity)
     dense = layer.to_dense().to(DEVICE, DTYPE)
     x = torch.randn(batch, c_in, hw, hw, device=DEVICE, dtype=DTYPE).to(
         memory_format=torch.channels_last)
@@ -225,6 +235,23 @@ def conv_case(name, c_in, c_out, hw, batch, blk, sparsity):
             "ours_fb": ms(ours_fb)}
 
 
+def benchmark_cases(quick: bool):
+    """([(kind, params of linear_case / conv_case)], the variant sweep's (block, sparsity)).
+    --quick fits a short lease: the first call per block shape autotunes ~28 candidates
+    (compiled one after another, unless triton_warm_cache.py compiled them), so fewer block
+    shapes matter more than fewer rows."""
+    sizes = (4096,) if quick else (4096, 8192)
+    batches = (4096, 256)
+    blocks = (64, 32) if quick else (64, 32, 128)
+    sparsities = (0.9, 0.99) if quick else (0.5, 0.75, 0.9, 0.95, 0.99)
+    conv_sparsities = (0.9,) if quick else (0.5, 0.9)
+    cases = [("linear", (n, b, blk, s)) for n in sizes for b in batches for blk in blocks
+             for s in sparsities]
+    cases += [("conv", ("vgg 128->128 16x16", 128, 128, 16, 128, 32, s)) for s in conv_sparsities]
+    cases += [("conv", ("vgg 256->256 8x8", 256, 256, 8, 128, 64, s)) for s in conv_sparsities]
+    return cases, ((64, 0.9),) if quick else ((64, 0.9), (32, 0.9))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -235,18 +262,8 @@ def main(argv=None):
         raise SystemExit("bench_triton_gpu: no CUDA device here; run it on a GPU machine")
     info = {**machine_info(), "gpu": torch.cuda.get_device_name(), "dtype": str(DTYPE)}
     print(info, flush=True)
-    # --quick fits a short lease: the first call per block shape autotunes ~28 candidates
-    # (compiled one after another), so fewer block shapes matter more than fewer rows
-    sizes = (4096,) if args.quick else (4096, 8192)
-    batches = (4096, 256)
-    blocks = (64, 32) if args.quick else (64, 32, 128)
-    sparsities = (0.9, 0.99) if args.quick else (0.5, 0.75, 0.9, 0.95, 0.99)
-    conv_sparsities = (0.9,) if args.quick else (0.5, 0.9)
-    cases = [("linear", (n, b, blk, s)) for n in sizes for b in batches for blk in blocks
-             for s in sparsities]
-    cases += [("conv", ("vgg 128->128 16x16", 128, 128, 16, 128, 32, s)) for s in conv_sparsities]
-    cases += [("conv", ("vgg 256->256 8x8", 256, 256, 8, 128, 64, s)) for s in conv_sparsities]
-    sweep = variant_sweep(cases=((64, 0.9),) if args.quick else ((64, 0.9), (32, 0.9)))
+    cases, sweep_cases = benchmark_cases(args.quick)
+    sweep = variant_sweep(cases=sweep_cases)
     write_json(args.json.replace(".json", "_variants.json"), info, sweep)
     profile = host_profile()
     rows = []

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU story in one command, for a machine with a CUDA GPU and torch already installed:
 # build the extension with CUDA, run every CUDA-marked test and the Triton tests on the GPU, the
-# GPU benchmarks, then the whole suite; write one report plus the full logs beside it.
+# GPU benchmarks, then the whole suite; write one report plus the full logs beside it. Work that
+# needs no GPU (compiling the benchmark's kernels ahead, the sm_90 code check) runs in the
+# background meanwhile, on the machine's other cores.
 #   Usage: bash benchmarks/gpu_suite.sh [OUT_DIR] [--quick]
 # (default OUT_DIR benchmarks/results/gpu_suite_<date>; --quick: the short benchmark matrix).
 # pip runs as `python -m pip`: a bare `pip` can belong to another interpreter (it did on the H100).
@@ -25,6 +27,15 @@ section() {  # section TITLE LOGNAME CMD...: run CMD, keep its whole log, show i
   echo '```'
 }
 
+waited_section() {  # waited_section TITLE LOGNAME PID: a background job's section, when done
+  local title=$1 name=$2 pid=$3
+  echo; echo "## $title"; echo '```'
+  wait "$pid"
+  echo "exit code: $?"
+  tail -n "${TAIL:-40}" "$out/$name.log"
+  echo '```'
+}
+
 {
   echo "# GPU suite report"
   echo
@@ -35,10 +46,18 @@ section() {  # section TITLE LOGNAME CMD...: run CMD, keep its whole log, show i
   echo "- triton: $(python -c 'import triton; print(triton.__version__)' 2>&1)"
   section "Build" build env FORCE_CUDA=1 python -m pip install -e . --no-build-isolation --no-deps
   python -c 'import sparsekern; e = sparsekern.ops.native_extension(); print("cuda_compiled:", e.cuda_compiled, "cpu_isa:", e.cpu_isa())' 2>&1
+  # CPU-only work in the background while the GPU runs the tests: the benchmark's kernels
+  # compiled ahead by parallel workers (its autotuner then loads them from Triton's cache), and
+  # the kernels' code as this machine's triton compiles it (tile loads, registers; no timing)
+  python benchmarks/triton_warm_cache.py $quick >"$out/warm_cache.log" 2>&1 &
+  warm_pid=$!
+  python benchmarks/triton_codegen.py --check >"$out/triton_codegen.log" 2>&1 &
+  codegen_pid=$!
   section "CUDA-marked tests" cuda_tests python -m pytest -q -rfE -m cuda tests
   section "Triton tests on the GPU" triton_tests python -m pytest -q -rfE tests/triton
   # the Triton benchmark first: on a short lease it is the number that matters most; the naive
   # CUDA C++ placeholder's benchmark (seconds per call at 50%) only without --quick
+  TAIL=12 waited_section "Kernels compiled ahead (triton_warm_cache.py)" warm_cache "$warm_pid"
   for name in bench_triton_gpu bench_linear_gpu; do
     args=(--json "$out/$name.json")
     if [ "$quick" = --quick ]; then
@@ -47,8 +66,7 @@ section() {  # section TITLE LOGNAME CMD...: run CMD, keep its whole log, show i
     fi
     TAIL=300 section "$name" "$name" python "benchmarks/$name.py" "${args[@]}"
   done
-  # the kernels' code as this machine's triton compiles it (tile loads, registers; no timing)
-  section "Triton code check (sm_90)" triton_codegen python benchmarks/triton_codegen.py --check
+  waited_section "Triton code check (sm_90)" triton_codegen "$codegen_pid"
   # last, bounded: it has crashed on a GPU machine before (SUITE_TIMEOUT seconds, default 300)
   section "Whole test suite" all_tests timeout "${SUITE_TIMEOUT:-300}" python -X faulthandler \
     -m pytest -q -rfE tests

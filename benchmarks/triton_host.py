@@ -46,11 +46,13 @@ class _Utils:
 
 
 class CompileOnlyDriver:
-    """Triton's driver interface for an sm_90 target with no device: kernels compile, launches
-    are recorded in `launches` (grid, kernel, kernel metadata, arguments) when `record` is
-    set."""
+    """Triton's driver interface for a CUDA target with no device work: kernels compile (for
+    this machine's GPU if it has one, else sm_90), launches are recorded in `launches` (grid,
+    kernel, kernel metadata, arguments) when `record` is set."""
 
     def __init__(self):
+        major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+        self.arch = 10 * major + minor
         self.utils = _Utils()
         self.launches: list = []
         self.record = False
@@ -77,7 +79,7 @@ class CompileOnlyDriver:
     def get_current_target(self):
         from triton.backends.compiler import GPUTarget
 
-        return GPUTarget("cuda", 90, 32)
+        return GPUTarget("cuda", self.arch, 32)
 
     def get_active_torch_device(self):
         return torch.device("cpu")

@@ -432,3 +432,37 @@ def test_tuned_and_direct_launches_without_gpu():
         pytest.skip("this triton has no ptxas for sm_90")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "tuned and direct launches agree" in proc.stdout
+
+
+@pytest.mark.skipif(ON_GPU, reason="the GPU suite runs triton_warm_cache.py itself")
+def test_warm_cache_compiles_what_the_benchmark_loads(tmp_path):
+    """benchmarks/triton_warm_cache.py: two workers replaying bench_triton_gpu's launches
+    (tiny shapes) compile every candidate into Triton's cache, so a process then making the
+    benchmark's launches with all candidates (triton_host's driver) compiles nothing new: the
+    GPU suite's autotuner would load them instead of compiling one after another."""
+    import glob
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRITON_INTERPRET", "SPARSEKERN_TRITON_AUTOTUNE")}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    script = os.path.join(root, "benchmarks", "triton_warm_cache.py")
+    proc = subprocess.run([sys.executable, script, "--tiny", "--workers=2"], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    if "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("this triton has no ptxas for sm_90")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    compiled = len(glob.glob(str(tmp_path / "*" / "*.cubin")))
+    replay = ("import sys; sys.path[:0] = ['benchmarks', '.']\n"
+              "import triton_host, triton_warm_cache\n"
+              "fake = triton_host.install()\n"
+              "for name, replay in triton_warm_cache.replays(False, tiny=True): replay()\n"
+              "print('loaded', fake.utils.loaded)\n")
+    proc = subprocess.run([sys.executable, "-c", replay], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    loaded = int(proc.stdout.split("loaded")[-1])
+    assert compiled > 20 and loaded == compiled, (compiled, loaded)
+    assert len(glob.glob(str(tmp_path / "*" / "*.cubin"))) == compiled  # nothing new
