@@ -390,25 +390,33 @@ def test_bench_triton_gpu_smoke(monkeypatch):
     bench.print_report(sweep, [bench.with_ratios(row)], profile)
 
 
+def _run_compiled(*args: str, **env: str) -> str:
+    """Run `python args...` from the repository root with the kernels compiled (no
+    TRITON_INTERPRET: the kernels of this process are the interpreter's) and every autotuning
+    candidate; skip where Triton has no ptxas for sm_90; fail on a nonzero exit. Its stdout."""
+    import subprocess
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("TRITON_INTERPRET", "SPARSEKERN_TRITON_AUTOTUNE")}, **env}
+    proc = subprocess.run([sys.executable, *args], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=900)
+    if "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("this triton has no ptxas for sm_90")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
 @pytest.mark.skipif(ON_GPU, reason="the GPU suite runs triton_codegen.py --check itself")
 def test_kernels_compile_for_sm90_with_wide_tile_loads():
     """benchmarks/triton_codegen.py --check: every candidate the autotuner would time compiles
     for sm_90 (Triton's ptxas, no GPU needed) and loads its tiles in 16-byte async copies. The
     interpreter cannot see either: a dead return of another shape failed only in compiled code,
     and dds_nt's x tile was loaded 2 bytes at a time outside the pipeline until col0 % C got a
-    divisibility hint. A subprocess: the kernels here are the interpreter's."""
-    import subprocess
-    import sys
-
-    root = os.path.join(os.path.dirname(__file__), "..", "..")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "triton_codegen.py"),
-                           "--check"], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=900)
-    if "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("this triton has no ptxas for sm_90")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "0 with a compile error or a narrow tile load" in proc.stdout
+    divisibility hint."""
+    out = _run_compiled("benchmarks/triton_codegen.py", "--check")
+    assert "0 with a compile error or a narrow tile load" in out
 
 
 def test_tuned_and_direct_launches_without_gpu():
@@ -419,19 +427,8 @@ def test_tuned_and_direct_launches_without_gpu():
     specializations (unaligned x, a batch not a multiple of 16) of the same kernels. The
     interpreter runs neither path: a tl.dtype in a tuning key failed only in the compiled one
     (TypeError writing the cache; it would have on the GPU too)."""
-    import subprocess
-    import sys
-
-    root = os.path.join(os.path.dirname(__file__), "..", "..")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "SPARSEKERN_TRITON_AUTOTUNE")}
-    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "triton_host.py"),
-                           "--check"], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=900)
-    if "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("this triton has no ptxas for sm_90")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "tuned and direct launches agree" in proc.stdout
+    assert "tuned and direct launches agree" in _run_compiled("benchmarks/triton_host.py",
+                                                              "--check")
 
 
 @pytest.mark.skipif(ON_GPU, reason="the GPU suite runs triton_warm_cache.py itself")
@@ -441,28 +438,16 @@ def test_warm_cache_compiles_what_the_benchmark_loads(tmp_path):
     benchmark's launches with all candidates (triton_host's driver) compiles nothing new: the
     GPU suite's autotuner would load them instead of compiling one after another."""
     import glob
-    import subprocess
-    import sys
 
-    root = os.path.join(os.path.dirname(__file__), "..", "..")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("TRITON_INTERPRET", "SPARSEKERN_TRITON_AUTOTUNE")}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    script = os.path.join(root, "benchmarks", "triton_warm_cache.py")
-    proc = subprocess.run([sys.executable, script, "--tiny", "--workers=2"], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=900)
-    if "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("this triton has no ptxas for sm_90")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    compiled = len(glob.glob(str(tmp_path / "*" / "*.cubin")))
+    cache = str(tmp_path)
+    _run_compiled("benchmarks/triton_warm_cache.py", "--tiny", "--workers=2",
+                  TRITON_CACHE_DIR=cache)
+    compiled = len(glob.glob(os.path.join(cache, "*", "*.cubin")))
     replay = ("import sys; sys.path[:0] = ['benchmarks', '.']\n"
               "import triton_host, triton_warm_cache\n"
               "fake = triton_host.install()\n"
               "for name, replay in triton_warm_cache.replays(False, tiny=True): replay()\n"
               "print('loaded', fake.utils.loaded)\n")
-    proc = subprocess.run([sys.executable, "-c", replay], env=env, cwd=root,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    loaded = int(proc.stdout.split("loaded")[-1])
+    loaded = int(_run_compiled("-c", replay, TRITON_CACHE_DIR=cache).split("loaded")[-1])
     assert compiled > 20 and loaded == compiled, (compiled, loaded)
-    assert len(glob.glob(str(tmp_path / "*" / "*.cubin"))) == compiled  # nothing new
+    assert len(glob.glob(os.path.join(cache, "*", "*.cubin"))) == compiled  # nothing new
