@@ -51,13 +51,18 @@ waited_section() {  # waited_section TITLE LOGNAME PID: a background job's secti
   # the kernels' code as this machine's triton compiles it (tile loads, registers; no timing)
   python benchmarks/triton_warm_cache.py $quick >"$out/warm_cache.log" 2>&1 &
   warm_pid=$!
-  python benchmarks/triton_codegen.py --check >"$out/triton_codegen.log" 2>&1 &
+  # (the code check in a cache of its own: the count of kernels the benchmark compiles below)
+  TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/triton_codegen.py --check \
+    >"$out/triton_codegen.log" 2>&1 &
   codegen_pid=$!
   section "CUDA-marked tests" cuda_tests python -m pytest -q -rfE -m cuda tests
   section "Triton tests on the GPU" triton_tests python -m pytest -q -rfE tests/triton
   # the Triton benchmark first: on a short lease it is the number that matters most; the naive
   # CUDA C++ placeholder's benchmark (seconds per call at 50%) only without --quick
   TAIL=12 waited_section "Kernels compiled ahead (triton_warm_cache.py)" warm_cache "$warm_pid"
+  cache="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
+  cubins() { find "$cache" -name '*.cubin' 2>/dev/null | wc -l; }
+  warmed=$(cubins)
   for name in bench_triton_gpu bench_linear_gpu; do
     args=(--json "$out/$name.json")
     if [ "$quick" = --quick ]; then
@@ -66,6 +71,8 @@ waited_section() {  # waited_section TITLE LOGNAME PID: a background job's secti
     fi
     TAIL=300 section "$name" "$name" python "benchmarks/$name.py" "${args[@]}"
   done
+  # a kernel the warm-up missed (another specialization than the GPU run's) is compiled here
+  echo "kernels in Triton's cache: $warmed after the warm-up, $(cubins) after the benchmarks"
   waited_section "Triton code check (sm_90)" triton_codegen "$codegen_pid"
   # last, bounded: it has crashed on a GPU machine before (SUITE_TIMEOUT seconds, default 300)
   section "Whole test suite" all_tests timeout "${SUITE_TIMEOUT:-300}" python -X faulthandler \

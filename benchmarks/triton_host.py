@@ -1,7 +1,7 @@
 """Host time of eager calls through the Triton backend, measured without a GPU.
 
-`CompileOnlyDriver` stands in for Triton's CUDA driver: it compiles for sm_90 as the real one
-would (Triton's bundled ptxas) and launches nothing, so Triton's whole per-call path (the
+`CompileOnlyDriver` stands in for Triton's CUDA driver: it compiles as the real one would
+(Triton's bundled ptxas; for this machine's GPU, else sm_90) and launches nothing, so Triton's whole per-call path (the
 autotuner, the JIT's binder and caches), our launchers and autograd run as they do on a GPU
 machine, on CPU tensors that stand in for CUDA ones. What it leaves out: the GPU's work, the C
 launcher (a few us a launch) and CUDA allocations.
@@ -48,7 +48,8 @@ class _Utils:
 class CompileOnlyDriver:
     """Triton's driver interface for a CUDA target with no device work: kernels compile (for
     this machine's GPU if it has one, else sm_90), launches are recorded in `launches` (grid,
-    kernel, kernel metadata, arguments) when `record` is set."""
+    kernel, kernel metadata, whether launch hooks were passed, arguments) when `record` is
+    set."""
 
     def __init__(self):
         major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
@@ -66,7 +67,8 @@ class CompileOnlyDriver:
             def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata,
                          enter_hook, exit_hook, *args):
                 if owner.record:
-                    owner.launches.append(((gx, gy, gz), function, packed_metadata, args))
+                    owner.launches.append(((gx, gy, gz), function, packed_metadata,
+                                           enter_hook is not None, args))
 
         self.launcher_cls = Launcher
 
@@ -103,7 +105,9 @@ class CompileOnlyDriver:
 
 
 def install() -> CompileOnlyDriver:
-    """Make Triton use a CompileOnlyDriver and the Triton backend take CPU tensors."""
+    """Make Triton use a CompileOnlyDriver and the Triton backend take CPU tensors. The
+    autotuners stop writing their timings to Triton's disk cache: this driver's are not times
+    (on a GPU machine a real run would load them)."""
     from triton.runtime.driver import driver
 
     import sparsekern.triton as sk_triton
@@ -114,6 +118,10 @@ def install() -> CompileOnlyDriver:
     fake = CompileOnlyDriver()
     driver.set_active(fake)
     sk_triton.TritonBackend.refuse = lambda self, *args, **kwargs: None
+    from sparsekern.triton import ops as tops
+
+    for tuner in (tops.dds_nt, tops.dds_nn, tops.sdd_k):
+        tuner.cache_results = False
     return fake
 
 
@@ -121,7 +129,8 @@ def cases():
     """(name, forward, forward+backward) eager calls on small CPU tensors (so the few ATen ops
     that do run, a bias gradient's sum say, cost little): a 512x512 Linear with bias, batch
     64 (also with x 2 bytes off alignment, and batch 40: other specializations of the same
-    kernels), and a 3x3 64->64 conv on 8x8 maps, batch 2; 64x64 / 32x32 blocks at 50%."""
+    kernels; in float16, all else alike; without the bias, only a flag apart), and a 3x3
+    64->64 conv on 8x8 maps, batch 2; 64x64 / 32x32 blocks at 50%."""
     import sparsekern
     from sparsekern.bsr import BlockSparseMatrix
 
@@ -137,6 +146,10 @@ def cases():
     g = torch.randn(64, 512, dtype=dt)
     # 40 rows: not a multiple of 16, another specialization of the batch size
     x40, g40 = torch.randn(40, 512, dtype=dt, requires_grad=True), torch.randn(40, 512, dtype=dt)
+    half = torch.float16  # same dot mode and constexprs as bfloat16: only the dtypes differ
+    values16 = w.values.to(half).requires_grad_()
+    w16 = w.with_values(values16)
+    x16, g16 = x.detach().to(half).requires_grad_(), g.to(half)
 
     conv = sparsekern.SparseConv2d(64, 64, 3, padding=1, block_size=(32, 32), density=0.5,
                                    backend="triton").to(dt)
@@ -153,6 +166,10 @@ def cases():
              g, (x_off, values, bias)),
             ("linear, batch 40", lambda: sparsekern.bsr_linear(x40, wg, bias, backend="triton"),
              g40, (x40, values, bias)),
+            ("linear, float16", lambda: sparsekern.bsr_linear(x16, w16, backend="triton"), g16,
+             (x16, values16)),
+            ("linear, no bias", lambda: sparsekern.bsr_linear(x, wg, backend="triton"), g,
+             (x, values)),
             ("conv", lambda: conv(xc), gc, conv_params)):
         def forward(fn=fn):
             with torch.no_grad():
@@ -180,30 +197,61 @@ def _comparable(args) -> list:
             for a in args]
 
 
-def _launches(fake: CompileOnlyDriver, fn) -> list:
+def _launches(fake: CompileOnlyDriver, fn) -> tuple[list, list]:
+    """fn's launches ([(grid, kernel, metadata, comparable arguments)]) and, per launch,
+    whether it went Triton's way (with launch hooks) rather than directly."""
     fake.launches.clear()
     fake.record = True
     try:
         fn()
     finally:
         fake.record = False
-    return [(grid, function, meta, _comparable(args))
-            for grid, function, meta, args in fake.launches]
+    return ([(grid, function, meta, _comparable(args))
+             for grid, function, meta, _, args in fake.launches],
+            [hooked for *_, hooked, _ in fake.launches])
+
+
+def _this_calls_tensors(fake: CompileOnlyDriver) -> list[str]:
+    """Direct launches pass the tensors of their own call (the cache holds kernels, not
+    arguments): two inputs alike but for their memory, then the first again."""
+    from sparsekern.bsr import BlockSparseMatrix
+    from sparsekern.triton import ops as tops
+
+    w = BlockSparseMatrix.random((256, 256), (64, 64), 0.5, dtype=torch.bfloat16)
+    topo = w.topology()
+    x1 = torch.randn(32, 256, dtype=torch.bfloat16)
+    x2 = x1.clone()
+    problems = []
+    for x in (x1, x2, x1, x2):
+        fake.launches.clear()
+        fake.record = True
+        try:
+            out = tops.dds(x, w.values, topo[0], topo[1], *topo[3:], 256, 256, True, "tf32")
+        finally:
+            fake.record = False
+        args = fake.launches[-1][-1]
+        if args[0].data_ptr() != x.data_ptr() or args[4].data_ptr() != out.data_ptr():
+            problems.append("a direct launch passed another call's tensors")
+    return problems
 
 
 def check(fake: CompileOnlyDriver) -> list[str]:
     """Problems found (empty when none): see the module docstring. Per case, Triton's own path
     (forced by a launch hook, as a profiler's would) is the reference for the launches that
-    follow; the cases share shapes and weights, so a launch cache keyed too coarsely (say,
-    without the pointers' alignment) would launch an earlier case's kernel."""
+    follow, which must all be direct; the cases share shapes and weights, so a launch cache
+    keyed too coarsely (without the pointers' alignment, the dtypes, a flag) would launch an
+    earlier case's kernel."""
     import triton
 
     from sparsekern.triton import ops as tops
 
     problems = []
     tuners = (tops.dds_nt, tops.dds_nn, tops.sdd_k)
-    for tuner in tuners:
-        tuner.configs = tuner.configs[:2]  # tune (and cache to disk) over two: quick
+    for tuner in tuners:  # tune (and cache to disk) over two of other BLOCK_R: quick
+        first = tuner.configs[0]
+        tuner.configs = [first, next(c for c in tuner.configs
+                                     if c.kwargs["BLOCK_R"] != first.kwargs["BLOCK_R"])]
+        tuner.cache_results = True
     hooks = triton.knobs.runtime.launch_enter_hook
 
     def hook(metadata):
@@ -213,16 +261,20 @@ def check(fake: CompileOnlyDriver) -> list[str]:
         hooks.add(hook)
         try:
             forward_backward()  # tunes and compiles
-            reference = _launches(fake, forward_backward)
+            reference, hooked = _launches(fake, forward_backward)
         except Exception as err:  # noqa: BLE001 - the failure is the finding
             return problems + [f"{name}: {type(err).__name__}: {err}"]
         finally:
             hooks.remove(hook)
         # the first call fills the launch cache (through Triton's path), the next ones use it
         calls = [_launches(fake, forward_backward) for _ in range(3)]
-        if not reference or any(c != reference for c in calls):
+        if not reference or any(c != reference for c, _ in calls):
             problems.append(f"{name}: direct launches differ from Triton's path:\n"
                             f"  Triton's: {reference}\n  direct: {calls}")
+        if not all(hooked) or any(any(h) for _, h in calls[1:]):
+            problems.append(f"{name}: launches went the wrong way (Triton's path: {hooked}, "
+                            f"direct: {[h for _, h in calls[1:]]})")
+    problems += _this_calls_tensors(fake)
     if not fake.benchmarked:
         problems.append("the autotuner timed no config")
     # a new process: the tunings come from the disk cache, the kernels launch as before
@@ -250,11 +302,15 @@ def main(argv=None) -> int:
     import triton
 
     if args.check:
+        import shutil
         import tempfile
 
         # a cold cache: the tuning runs, and its results are written and read back
-        os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_host_")
-        problems = check(fake)
+        cache = os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="triton_host_")
+        try:
+            problems = check(fake)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
         print("\n".join(problems) or "triton_host check: tuned and direct launches agree")
         return 1 if problems else 0
     hooks = triton.knobs.runtime.launch_enter_hook
@@ -266,7 +322,7 @@ def main(argv=None) -> int:
           f"{'Triton path':>11s} {'direct':>10s} {'Triton path':>13s} {'direct':>10s}  launches")
     for name, forward, forward_backward in cases():
         forward_backward()  # tune and compile
-        launches = _launches(fake, forward_backward)
+        launches, _ = _launches(fake, forward_backward)
         times = []
         for triton_path in (True, False):  # a launch hook sends ops._launch Triton's way
             if triton_path:

@@ -146,15 +146,19 @@ def _geometry(conv, n_cols: int):
 
 
 # Eager launches of an autotuned kernel, by (kernel, device, argument specialization): the
-# CompiledKernel Triton returned for the first such launch and the config the autotuner chose.
+# CompiledKernel Triton returned for the first such launch, its constexprs by name and its
+# config. Not seen by a cached launch: a later change of Triton's debug/instrumentation knobs
+# or of a tuner's configs outside pinned_configs (which clears the cache).
 _compiled: dict = {}
 _COMPILED_MAX = 4096  # entries (distinct shapes x kernels) before the cache starts over
 
 
 def _specialization(args) -> tuple:
     """What a compiled kernel is specialized on, or finer: each tensor's dtype and 16-byte
-    alignment, each int's value (Triton: 32/64-bit, == 1, divisible by 16)."""
-    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else a for a in args)
+    alignment, every other argument's type and value (Triton: 32/64-bit, == 1, divisible by
+    16; True and 1 compile differently)."""
+    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else (type(a), a)
+                 for a in args)
 
 
 def _hooked(hook) -> bool:
@@ -162,11 +166,32 @@ def _hooked(hook) -> bool:
     return hook is not None and bool(getattr(hook, "calls", True))
 
 
+def _cache_entry(kernel, compiled, n_args: int):
+    """(compiled, constexprs by name, the launcher's trailing constexpr arguments, config) for
+    a kernel Triton just compiled or found for a launch, or None where a direct launch would
+    skip something Triton does per launch (hooks) or the config is not known. The constexprs
+    come from the compiled kernel itself, not the tuner's best_config, which another thread may
+    have moved on since."""
+    fn = kernel.fn
+    if compiled is None or getattr(fn, "pre_run_hooks", None) or not all(
+            p.is_constexpr for p in fn.params[n_args:]):
+        return None
+    meta = {fn.arg_names[path[0]]: value for path, value in compiled.src.constants.items()}
+    configs = [c for c in kernel.configs if c.pre_hook is None
+               and c.num_warps == compiled.metadata.num_warps
+               and c.num_stages == compiled.metadata.num_stages
+               and all(meta.get(k) == v for k, v in c.kwargs.items())]
+    if not configs:
+        return None
+    return compiled, meta, tuple(meta[name] for name in fn.arg_names[n_args:]), configs[0]
+
+
 def _launch(kernel, grid, *args, **kwargs) -> None:
     """Launch an autotuned kernel. torch.compile traces it through wrap_triton. Eager launches
-    skip Triton's per-call path (the autotuner's key, the JIT's binder and cache lookup: ~30 us
-    of host time per launch on a CPU-side profile, half of an eager forward+backward's) after a
-    first launch with the same specialization: the compiled kernel is launched directly."""
+    skip Triton's per-call path (the autotuner's key, the JIT's binder and cache lookup: ~25 us
+    of host time per launch on this project's CPU, a third of an eager forward+backward's) after
+    a first launch with the same specialization: the compiled kernel is launched directly.
+    Arguments: tensors and ints positionally, constexprs (all of them) by keyword."""
     if torch.compiler.is_compiling():
         wrap_triton(kernel)[grid](*args, **kwargs)
         return
@@ -180,15 +205,13 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     entry = _compiled.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)  # tunes (first time) and launches
-        config = kernel.best_config
-        names = kernel.fn.arg_names
-        meta = {**kwargs, **config.kwargs}
-        if compiled is not None and set(names[len(args):]) <= set(meta):
+        entry = _cache_entry(kernel, compiled, len(args))
+        if entry is not None:
             if len(_compiled) >= _COMPILED_MAX:
                 _compiled.clear()
-            _compiled[key] = (compiled, meta, tuple(meta[n] for n in names[len(args):]))
+            _compiled[key] = entry
         return
-    compiled, meta, constants = entry
+    compiled, meta, constants, kernel.best_config = entry  # best_config: what reports read
     g = grid(meta)
     compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1,
                  _driver.active.get_current_stream(device), compiled.function,
