@@ -265,7 +265,11 @@ def main(argv=None):
     cases, sweep_cases = benchmark_cases(args.quick)
     sweep = variant_sweep(cases=sweep_cases)
     write_json(args.json.replace(".json", "_variants.json"), info, sweep)
-    profile = host_profile()
+    try:
+        profile = host_profile()
+    except Exception as err:  # noqa: BLE001 - the cases below matter more than the profile
+        profile = f"host profile failed: {err!r}"
+        print(profile, flush=True)
     rows = []
     for kind, params in cases:
         try:
