@@ -5,17 +5,20 @@ the specialization a real launch gets, and the tile loads are read off the TTGIR
     python benchmarks/triton_codegen.py [--check] [--all-blocks]
 
 Per kernel, variant and case it prints shared memory, registers, spilled bytes, the CTAs one SM
-can hold, wgmma / mma.sync counts and the tile loads: "async xN" = pipelined cp.async of N
-contiguous elements (16 bytes is the goal), "reg" = loaded into registers ahead of use.
---check exits 1 if a candidate does not compile, an async copy is narrower than it could be,
-more than a few registers spill, shared memory exceeds a block's, or a tile is loaded one
-element at a time: what the x tile of dds_nt did until col0 % C got a divisibility hint
-(2-byte loads, outside the async pipeline), found this way, not on a GPU. Must run without
+can hold, how many loop iterations ahead the tiles are loaded, wgmma / mma.sync counts and the
+tile loads: "async xN" = pipelined cp.async of N contiguous elements (16 bytes is the goal),
+"reg" = loaded into registers ahead of use. --check exits 1 if a candidate does not compile, an
+async copy is narrower than it could be, more than a few registers spill, shared memory exceeds
+a block's, a tile is loaded one element at a time (what the x tile of dds_nt did until col0 % C
+got a divisibility hint: 2-byte loads, outside the async pipeline, found this way, not on a
+GPU), or two candidates of a case compile to the same code (dds's num_stages=4 was 3's: the
+autotuner timed it twice and never a deeper prefetch). Must run without
 TRITON_INTERPRET (the interpreter replaces the kernels); the tests run it in a subprocess.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import os
 import re
@@ -102,7 +105,12 @@ def summarize(compiled, num_warps: int, elem_bytes: int) -> dict:
     threads = 32 * num_warps
     ctas = min(65536 // max(1, regs * threads), (228 * 1024) // max(1, compiled.metadata.shared),
                2048 // threads)
+    # tiles in flight: a pipelined loop keeps N buffers of each tile, N - 1 loaded ahead
+    buffers = [int(n) for n in re.findall(r"!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
+    code = "\n".join(line for line in ptx.splitlines()
+                     if not line.lstrip().startswith(("//", ".loc", ".file")))
     return {"shared": compiled.metadata.shared, "regs": regs, "spill": local, "ctas_per_sm": ctas,
+            "ahead": max(buffers, default=1) - 1, "code": hashlib.sha256(code.encode()).hexdigest(),
             "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"), "loads": loads,
             "bad": bad}
 
@@ -184,6 +192,7 @@ def run(cases, every_candidate=True) -> list[dict]:
     for block, dtype, fused in cases:
         for name, kernel, args, kwargs in launches(block, dtype, fused):
             configs = candidates(kernel, args, kwargs)
+            seen = {}  # code hash -> the first candidate that compiled to it
             for config in configs if every_candidate else configs[:1]:
                 label = " ".join(f"{k}={int(v)}" for k, v in config.kwargs.items())
                 row = {"kernel": name, "block": f"{block[0]}x{block[1]}",
@@ -194,11 +203,16 @@ def run(cases, every_candidate=True) -> list[dict]:
                                          config.num_warps, dtype.itemsize))
                 except Exception as err:  # noqa: BLE001 - a candidate that fails is the finding
                     row.update(error=str(err).strip().splitlines()[-1][:200], bad=["compile"])
+                if "code" in row:  # a twin only costs tuning time (dds num_stages 4 was 3's)
+                    if row["code"] in seen:
+                        row["bad"].append(f"the same code as {seen[row['code']]}")
+                    seen.setdefault(row["code"], row["config"])
                 rows.append(row)
                 print(f"{row['kernel']:12s} {row['block']:6s} {row['dtype']:10s} "
                       f"{row['config']:34s} " + (f"ERROR {row['error']}" if "error" in row else
                       f"smem {row['shared']:6d}  regs {row['regs']:3d}  spill {row['spill']:3d}"
-                      f"  CTAs/SM {row['ctas_per_sm']}  wgmma {row['wgmma']:2d}  "
+                      f"  CTAs/SM {row['ctas_per_sm']}  ahead {row['ahead']}  "
+                      f"wgmma {row['wgmma']:2d}  "
                       f"mma {row['mma']:2d}  {', '.join(row['loads'])}"), flush=True)
     return rows
 
@@ -222,7 +236,7 @@ def main(argv=None) -> int:
     rows += run(others, every_candidate=args.all_blocks)
     bad = [r for r in rows if r["bad"]]
     print(f"\n{len(rows)} compiled for sm_90, {len(bad)} with a compile error or a narrow tile "
-          "load")
+          "load (or another of those problems)")
     for r in bad:
         print(f"  {r['kernel']} {r['block']} {r['dtype']} {r['config']}: "
               f"{r.get('error') or ', '.join(r['bad'])}")

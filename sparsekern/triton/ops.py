@@ -30,10 +30,10 @@ from sparsekern.triton import interpreting, kernels
 
 def _prune(configs, named_args, **kwargs):
     """Drop candidates that cannot pay off for this shape: an fp32 accumulator of BLOCK_R x 128
-    with BLOCK_R = 256 (or BM x GROUP*BK past 128 x 128) does not fit in registers, nor an
-    fp32 sdd group's pipeline in shared memory; TILES row tiles per program need that many
-    tiles to share out (n_out rows), or programs would idle; sdd's GROUP gathers x per column,
-    which for conv means per-column source rows."""
+    with BLOCK_R = 256 (or BM x GROUP*BK past 128 x 128) does not fit in registers, nor some
+    fp32 pipelines (sdd groups, dds prefetching two tiles ahead) in shared memory; TILES row
+    tiles per program need that many tiles to share out (n_out rows), or programs would idle;
+    sdd's GROUP gathers x per column, which for conv means per-column source rows."""
     def arg(name, default=16):
         return kwargs.get(name, named_args.get(name, default))
 
@@ -43,12 +43,18 @@ def _prune(configs, named_args, **kwargs):
 
     def fits(c):
         group, tiles = c.kwargs.get("GROUP", 1), c.kwargs.get("TILES", 1)
-        # sdd buffers num_stages tiles of dy [BLOCK_R, BM] and x [BLOCK_R, GROUP*BK]: within
-        # the 227 KB of shared memory a block may have (fp32 groups can exceed it)
-        smem = c.num_stages * c.kwargs["BLOCK_R"] * (arg("BM") + group * arg("BK")) * elem
-        return (c.kwargs["BLOCK_R"] * max(arg("BM"), arg("BK")) <= 128 * 128
-                and arg("BM") * group * arg("BK") <= 128 * 128
-                and ("GROUP" not in c.kwargs or smem <= 232448)
+        rows = c.kwargs["BLOCK_R"]
+        bm, bk = arg("BM"), arg("BK")
+        # shared memory: sdd buffers num_stages tiles of dy [BLOCK_R, BM] and x [BLOCK_R,
+        # GROUP*BK]; dds 1 + (num_stages - 1) // 2 tiles of a (and its ReLU mask) and of W
+        if "GROUP" in c.kwargs:
+            smem = c.num_stages * rows * (bm + group * bk) * elem
+        else:
+            smem = (1 + (c.num_stages - 1) // 2) * (
+                rows * max(bm, bk) * (2 if arg("HAS_MASK", False) else 1) + bm * bk) * elem
+        # within the 227 KB of shared memory a block may have (fp32 can exceed it)
+        return (rows * max(bm, bk) <= 128 * 128 and bm * group * bk <= 128 * 128
+                and smem <= 232448
                 and (group == 1 or not arg("IS_CONV", False))
                 and (tiles == 1 or n_out is None or n_out >= 4 * tiles * c.kwargs["BLOCK_R"]))
 
@@ -58,11 +64,15 @@ def _prune(configs, named_args, **kwargs):
 # Autotuning candidates: (BLOCK_R, num_warps, num_stages, the kernel's variant switches). The
 # TILES/SWAP variants are untimed guesses from the H100 run (short K loops, a 64-wide MMA N
 # dimension; see kernels.py): the autotuner keeps whichever wins, the plain ones included.
-_PLAIN = ((64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 4, 4), (256, 8, 3))
+# dds's tile loads hang off a loaded block index, and Triton's pipeliner shares num_stages out
+# between the two loads: tiles are prefetched (num_stages - 1) // 2 iterations ahead, so 3 and
+# 4 compile to the same code (one ahead, 2 buffers) and 5 gives two ahead (3 buffers); read off
+# the TTGIR by benchmarks/triton_codegen.py, which flags candidates that compile alike.
+_PLAIN = ((64, 4, 3), (64, 4, 5), (128, 4, 3), (128, 8, 3), (128, 4, 5), (256, 8, 3))
 _DDS_NT_CANDIDATES = [(r, w, s, dict(TILES=1, SWAP=False)) for r, w, s in _PLAIN] + [
     (128, 4, 3, dict(TILES=1, SWAP=True)), (256, 8, 3, dict(TILES=1, SWAP=True)),
-    (128, 4, 4, dict(TILES=4, SWAP=False)), (128, 4, 4, dict(TILES=4, SWAP=True)),
-    (256, 8, 4, dict(TILES=2, SWAP=True)), (64, 4, 4, dict(TILES=8, SWAP=False))]
+    (128, 4, 5, dict(TILES=4, SWAP=False)), (128, 4, 5, dict(TILES=4, SWAP=True)),
+    (256, 8, 5, dict(TILES=2, SWAP=True)), (64, 4, 5, dict(TILES=8, SWAP=False))]
 _DDS_NN_CANDIDATES = [(r, w, s, dict(SWAP=False)) for r, w, s in _PLAIN] + [
     (128, 4, 3, dict(SWAP=True)), (256, 8, 3, dict(SWAP=True))]
 # sdd's GROUP (blocks of one block row per program, one dy tile for all): untimed, as above.

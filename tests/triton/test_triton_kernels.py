@@ -141,6 +141,13 @@ def test_autotuning_prunes_what_cannot_pay_off():
     fp32 = kept(tops._SDD_CANDIDATES, torch.float32, BM=64, BK=64, IS_CONV=False)
     assert (64, 1, 4) not in fp32 and (128, 1, 2) not in fp32 and (64, 1, 2) in fp32
     assert (64, 1, 4) in sdd_linear
+    # dds prefetching two tiles ahead (num_stages 5: 3 buffers): fp32 [256, 64] x tiles and
+    # [64, 64] blocks take 240 KB; bf16, or fp32 one tile ahead (2 buffers), fit
+    dds_fp32 = [(c.kwargs["BLOCK_R"], c.num_stages) for c in tops._prune(
+        tops.candidate_configs(tops._DDS_NT_CANDIDATES),
+        {"a_ptr": torch.empty(0, dtype=torch.float32)}, BM=64, BK=64, n_out=4096)]
+    assert (256, 5) not in dds_fp32 and (256, 3) in dds_fp32 and (128, 5) in dds_fp32
+    assert (256, 2, 1) in kept(tops._DDS_NT_CANDIDATES, BM=64, BK=64, n_out=4096)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
