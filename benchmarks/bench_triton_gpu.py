@@ -132,9 +132,11 @@ def host_profile(n=4096, batch=256, blk=64, sparsity=0.9, calls=100, top=25) -> 
         fb()
     profiler = cProfile.Profile()
     profiler.enable()
-    for _ in range(calls):
-        fb()
-    profiler.disable()
+    try:
+        for _ in range(calls):
+            fb()
+    finally:  # a profiler left on would slow every later case
+        profiler.disable()
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
     return (f"host profile: {calls} eager forward+backward calls, W {n}x{n}, batch {batch}, "
@@ -267,8 +269,10 @@ def main(argv=None):
     write_json(args.json.replace(".json", "_variants.json"), info, sweep)
     try:
         profile = host_profile()
-    except Exception as err:  # noqa: BLE001 - the cases below matter more than the profile
-        profile = f"host profile failed: {err!r}"
+    except Exception:  # noqa: BLE001 - the cases below matter more than the profile
+        import traceback
+
+        profile = f"host profile failed:\n{traceback.format_exc()}"
         print(profile, flush=True)
     rows = []
     for kind, params in cases:

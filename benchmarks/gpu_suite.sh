@@ -9,6 +9,7 @@
 # pip runs as `python -m pip`: a bare `pip` can belong to another interpreter (it did on the H100).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --quick ]; then set -- "" --quick; fi  # --quick alone: the default OUT_DIR
 out=${1:-benchmarks/results/gpu_suite_$(date +%Y%m%d_%H%M)}
 quick=${2:-}
 mkdir -p "$out"
@@ -52,7 +53,8 @@ waited_section() {  # waited_section TITLE LOGNAME PID: a background job's secti
   python benchmarks/triton_warm_cache.py $quick >"$out/warm_cache.log" 2>&1 &
   warm_pid=$!
   # (the code check in a cache of its own: the count of kernels the benchmark compiles below)
-  TRITON_CACHE_DIR=$(mktemp -d) python benchmarks/triton_codegen.py --check \
+  codegen_cache=$(mktemp -d)
+  TRITON_CACHE_DIR=$codegen_cache python benchmarks/triton_codegen.py --check \
     >"$out/triton_codegen.log" 2>&1 &
   codegen_pid=$!
   section "CUDA-marked tests" cuda_tests python -m pytest -q -rfE -m cuda tests
@@ -60,7 +62,8 @@ waited_section() {  # waited_section TITLE LOGNAME PID: a background job's secti
   # the Triton benchmark first: on a short lease it is the number that matters most; the naive
   # CUDA C++ placeholder's benchmark (seconds per call at 50%) only without --quick
   TAIL=12 waited_section "Kernels compiled ahead (triton_warm_cache.py)" warm_cache "$warm_pid"
-  cache="${TRITON_CACHE_DIR:-$HOME/.triton/cache}"
+  cache=$(python -c 'import triton; print(triton.knobs.cache.dir)' 2>/dev/null ||
+          echo "${TRITON_CACHE_DIR:-$HOME/.triton/cache}")
   cubins() { find "$cache" -name '*.cubin' 2>/dev/null | wc -l; }
   warmed=$(cubins)
   for name in bench_triton_gpu bench_linear_gpu; do
@@ -74,6 +77,7 @@ waited_section() {  # waited_section TITLE LOGNAME PID: a background job's secti
   # a kernel the warm-up missed (another specialization than the GPU run's) is compiled here
   echo "kernels in Triton's cache: $warmed after the warm-up, $(cubins) after the benchmarks"
   waited_section "Triton code check (sm_90)" triton_codegen "$codegen_pid"
+  rm -rf "$codegen_cache"
   # last, bounded: it has crashed on a GPU machine before (SUITE_TIMEOUT seconds, default 300)
   section "Whole test suite" all_tests timeout "${SUITE_TIMEOUT:-300}" python -X faulthandler \
     -m pytest -q -rfE tests

@@ -105,13 +105,17 @@ def summarize(compiled, num_warps: int, elem_bytes: int) -> dict:
     threads = 32 * num_warps
     ctas = min(65536 // max(1, regs * threads), (228 * 1024) // max(1, compiled.metadata.shared),
                2048 // threads)
-    # tiles in flight: a pipelined loop keeps N buffers of each tile, N - 1 loaded ahead
+    # tiles in flight: a pipelined wgmma loop keeps N buffers of each tile, N - 1 loaded ahead
+    # (wgmma reads the current one from shared memory); an mma.sync loop copies the tile to
+    # registers first, so all N can be ahead
     buffers = [int(n) for n in re.findall(r"!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
+    wgmma = ptx.count("wgmma.mma_async")
     code = "\n".join(line for line in ptx.splitlines()
                      if not line.lstrip().startswith(("//", ".loc", ".file")))
     return {"shared": compiled.metadata.shared, "regs": regs, "spill": local, "ctas_per_sm": ctas,
-            "ahead": max(buffers, default=1) - 1, "code": hashlib.sha256(code.encode()).hexdigest(),
-            "wgmma": ptx.count("wgmma.mma_async"), "mma": ptx.count("mma.sync"), "loads": loads,
+            "ahead": max(buffers, default=1) - (1 if wgmma else 0),
+            "code": hashlib.sha256(code.encode()).hexdigest(),
+            "wgmma": wgmma, "mma": ptx.count("mma.sync"), "loads": loads,
             "bad": bad}
 
 

@@ -1,9 +1,9 @@
 """Host time of eager calls through the Triton backend, measured without a GPU.
 
 `CompileOnlyDriver` stands in for Triton's CUDA driver: it compiles as the real one would
-(Triton's bundled ptxas; for this machine's GPU, else sm_90) and launches nothing, so Triton's whole per-call path (the
-autotuner, the JIT's binder and caches), our launchers and autograd run as they do on a GPU
-machine, on CPU tensors that stand in for CUDA ones. What it leaves out: the GPU's work, the C
+(Triton's bundled ptxas; for this machine's GPU, else sm_90) and launches nothing, so Triton's
+whole per-call path (the autotuner, the JIT's binder and caches), our launchers and autograd run
+as they do on a GPU machine, on CPU tensors that stand in for CUDA ones. What it leaves out: the GPU's work, the C
 launcher (a few us a launch) and CUDA allocations.
 
     python benchmarks/triton_host.py [--check] [--profile]

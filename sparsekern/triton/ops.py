@@ -32,8 +32,9 @@ def _prune(configs, named_args, **kwargs):
     """Drop candidates that cannot pay off for this shape: an fp32 accumulator of BLOCK_R x 128
     with BLOCK_R = 256 (or BM x GROUP*BK past 128 x 128) does not fit in registers, nor some
     fp32 pipelines (sdd groups, dds prefetching two tiles ahead) in shared memory; TILES row
-    tiles per program need that many tiles to share out (n_out rows), or programs would idle;
-    sdd's GROUP gathers x per column, which for conv means per-column source rows."""
+    tiles per program need that many tiles to share out (n_out rows), or programs would idle,
+    and 64-wide blocks at most (128-wide ones spill); sdd's GROUP gathers x per column, which
+    for conv means per-column source rows."""
     def arg(name, default=16):
         return kwargs.get(name, named_args.get(name, default))
 
@@ -45,16 +46,22 @@ def _prune(configs, named_args, **kwargs):
         group, tiles = c.kwargs.get("GROUP", 1), c.kwargs.get("TILES", 1)
         rows = c.kwargs["BLOCK_R"]
         bm, bk = arg("BM"), arg("BK")
-        # shared memory: sdd buffers num_stages tiles of dy [BLOCK_R, BM] and x [BLOCK_R,
-        # GROUP*BK]; dds 1 + (num_stages - 1) // 2 tiles of a (and its ReLU mask) and of W
+        # shared memory (wgmma pipelines; measured against the compiled kernels): sdd buffers
+        # num_stages tiles of dy [BLOCK_R, BM] and x [BLOCK_R, GROUP*BK]; dds 1 + ahead tiles
+        # of a and of W, ahead = (num_stages - 1) // 2, or, with the ReLU mask (a and the
+        # mask read into registers), ahead tiles of each and 1 + ahead of W. TILES > 1 adds
+        # the epilogue's scratch (a few KB more); within the 227 KB a block may have.
+        ahead = (c.num_stages - 1) // 2
         if "GROUP" in c.kwargs:
             smem = c.num_stages * rows * (bm + group * bk) * elem
+        elif arg("HAS_MASK", False):
+            smem = (ahead * 2 * rows * max(bm, bk) + (1 + ahead) * bm * bk) * elem
         else:
-            smem = (1 + (c.num_stages - 1) // 2) * (
-                rows * max(bm, bk) * (2 if arg("HAS_MASK", False) else 1) + bm * bk) * elem
-        # within the 227 KB of shared memory a block may have (fp32 can exceed it)
+            smem = (1 + ahead) * (rows * max(bm, bk) + bm * bk) * elem
         return (rows * max(bm, bk) <= 128 * 128 and bm * group * bk <= 128 * 128
                 and smem <= 232448
+                # several row tiles' accumulators and prefetched 128-wide tiles spill registers
+                and (tiles == 1 or max(bm, bk) <= 64)
                 and (group == 1 or not arg("IS_CONV", False))
                 and (tiles == 1 or n_out is None or n_out >= 4 * tiles * c.kwargs["BLOCK_R"]))
 
@@ -65,9 +72,10 @@ def _prune(configs, named_args, **kwargs):
 # TILES/SWAP variants are untimed guesses from the H100 run (short K loops, a 64-wide MMA N
 # dimension; see kernels.py): the autotuner keeps whichever wins, the plain ones included.
 # dds's tile loads hang off a loaded block index, and Triton's pipeliner shares num_stages out
-# between the two loads: tiles are prefetched (num_stages - 1) // 2 iterations ahead, so 3 and
-# 4 compile to the same code (one ahead, 2 buffers) and 5 gives two ahead (3 buffers); read off
-# the TTGIR by benchmarks/triton_codegen.py, which flags candidates that compile alike.
+# between the two loads (latency (num_stages - 1) // (indirection levels + 1)): tiles are
+# prefetched (num_stages - 1) // 2 iterations ahead, so 3 and 4 compile to the same code (one
+# ahead; 2 buffers for a wgmma loop) and 5 gives two ahead (3 buffers); read off the TTGIR by
+# benchmarks/triton_codegen.py, which flags candidates that compile alike.
 _PLAIN = ((64, 4, 3), (64, 4, 5), (128, 4, 3), (128, 8, 3), (128, 4, 5), (256, 8, 3))
 _DDS_NT_CANDIDATES = [(r, w, s, dict(TILES=1, SWAP=False)) for r, w, s in _PLAIN] + [
     (128, 4, 3, dict(TILES=1, SWAP=True)), (256, 8, 3, dict(TILES=1, SWAP=True)),

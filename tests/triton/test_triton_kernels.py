@@ -148,6 +148,12 @@ def test_autotuning_prunes_what_cannot_pay_off():
         {"a_ptr": torch.empty(0, dtype=torch.float32)}, BM=64, BK=64, n_out=4096)]
     assert (256, 5) not in dds_fp32 and (256, 3) in dds_fp32 and (128, 5) in dds_fp32
     assert (256, 2, 1) in kept(tops._DDS_NT_CANDIDATES, BM=64, BK=64, n_out=4096)
+    assert all(t == 1 for _, t, _ in kept(tops._DDS_NT_CANDIDATES, BM=128, BK=128, n_out=4096))
+    # with the ReLU mask, a and the mask go through registers: fewer buffers (180 KB compiled)
+    masked = [(c.kwargs["BLOCK_R"], c.num_stages) for c in tops._prune(
+        tops.candidate_configs(tops._DDS_NN_CANDIDATES),
+        {"a_ptr": torch.empty(0, dtype=torch.float32)}, BM=64, BK=64, HAS_MASK=True)]
+    assert (128, 5) in masked
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
