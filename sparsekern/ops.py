@@ -184,7 +184,24 @@ def _check_conv_activation(t: Tensor, name: str, N: int, C: int, h: int, w: int,
         raise ValueError(f"{name} is on {t.device} but {other} is on {device}")
 
 
+_checked_convs: set = set()  # (geometry, n_cols, bk) already found valid: a layer's every call
+
+
 def _check_conv(conv, n_cols: int, bk: int) -> None:
+    key = (tuple(conv), n_cols, bk)
+    try:
+        if key in _checked_convs:
+            return
+    except TypeError:  # symbolic sizes (tracing) do not hash: check every time
+        _check_conv_geometry(conv, n_cols, bk)
+        return
+    _check_conv_geometry(conv, n_cols, bk)
+    if len(_checked_convs) >= 4096:
+        _checked_convs.clear()
+    _checked_convs.add(key)
+
+
+def _check_conv_geometry(conv, n_cols: int, bk: int) -> None:
     if len(conv) != len(CONV_FIELDS):
         raise ValueError(f"conv geometry must be {list(CONV_FIELDS)}, got {len(conv)} values")
     N, H, W, C, R, S, sh, sw, ph, pw, dh, dw, P, Q = conv

@@ -169,14 +169,16 @@ def _geometry(conv, n_cols: int):
 # or of a tuner's configs outside pinned_configs (which clears the cache).
 _compiled: dict = {}
 _COMPILED_MAX = 4096  # entries (distinct shapes x kernels) before the cache starts over
+_n_tensors: dict = {}  # kernel -> how many of its launch arguments are tensors (all leading)
 
 
-def _specialization(args) -> tuple:
+def _specialization(args, n_tensors: int) -> tuple:
     """What a compiled kernel is specialized on, or finer: each tensor's dtype and 16-byte
     alignment, every other argument's type and value (Triton: 32/64-bit, == 1, divisible by
-    16; True and 1 compile differently)."""
-    return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, Tensor) else (type(a), a)
-                 for a in args)
+    16; True and 1 compile differently). The launchers pass the tensors first."""
+    rest = args[n_tensors:]
+    return (tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in args[:n_tensors]]), rest,
+            tuple(map(type, rest)))
 
 
 def _hooked(hook) -> bool:
@@ -219,15 +221,22 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
         return
     device = _driver.active.get_current_device()
-    key = (kernel, device, _specialization(args), tuple(kwargs.items()))
-    entry = _compiled.get(key)
+    n_tensors = _n_tensors.get(kernel)
+    key = None if n_tensors is None else (
+        kernel, device, _specialization(args, n_tensors), tuple(kwargs.items()))
+    entry = None if key is None else _compiled.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)  # tunes (first time) and launches
+        n_tensors = next((i for i, a in enumerate(args) if not isinstance(a, Tensor)), len(args))
+        if any(isinstance(a, Tensor) for a in args[n_tensors:]):
+            return  # tensors after other arguments: not a launch the cache can key
+        _n_tensors[kernel] = n_tensors
         entry = _cache_entry(kernel, compiled, len(args))
         if entry is not None:
             if len(_compiled) >= _COMPILED_MAX:
                 _compiled.clear()
-            _compiled[key] = entry
+            _compiled[(kernel, device, _specialization(args, n_tensors),
+                       tuple(kwargs.items()))] = entry
         return
     compiled, meta, constants, kernel.best_config = entry  # best_config: what reports read
     g = grid(meta)
