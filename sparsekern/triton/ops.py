@@ -211,7 +211,8 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     skip Triton's per-call path (the autotuner's key, the JIT's binder and cache lookup: ~25 us
     of host time per launch on this project's CPU, a third of an eager forward+backward's) after
     a first launch with the same specialization: the compiled kernel is launched directly.
-    Arguments: tensors and ints positionally, constexprs (all of them) by keyword."""
+    Arguments: the tensors first, then the ints, positionally; the constexprs (all of them) by
+    keyword."""
     if torch.compiler.is_compiling():
         wrap_triton(kernel)[grid](*args, **kwargs)
         return
