@@ -129,8 +129,9 @@ def cases():
     """(name, forward, forward+backward) eager calls on small CPU tensors (so the few ATen ops
     that do run, a bias gradient's sum say, cost little): a 512x512 Linear with bias, batch
     64 (also with x 2 bytes off alignment, and batch 40: other specializations of the same
-    kernels; in float16, all else alike; without the bias, only a flag apart), and a 3x3
-    64->64 conv on 8x8 maps, batch 2; 64x64 / 32x32 blocks at 50%."""
+    kernels; in float16, all else alike; without the bias, only a flag apart; with a fused ReLU
+    and the input gradient alone, which takes the masked dy @ W), and a 3x3 64->64 conv on 8x8
+    maps, batch 2; 64x64 / 32x32 blocks at 50%."""
     import sparsekern
     from sparsekern.bsr import BlockSparseMatrix
 
@@ -170,6 +171,9 @@ def cases():
              (x16, values16)),
             ("linear, no bias", lambda: sparsekern.bsr_linear(x, wg, backend="triton"), g,
              (x, values)),
+            # the fused ReLU, weights frozen (an attack step): dy @ W reads the ReLU's mask
+            ("linear, relu, dx only", lambda: sparsekern.bsr_linear(
+                x, w, bias.detach(), backend="triton", activation="relu"), g, (x,)),
             ("conv", lambda: conv(xc), gc, conv_params)):
         def forward(fn=fn):
             with torch.no_grad():
