@@ -322,7 +322,7 @@ def main(argv=None) -> int:
     def hook(metadata):
         pass
 
-    print(f"{'':20s} {'forward us':>22s} {'forward+backward us':>24s}\n{'':20s} "
+    print(f"{'':22s} {'forward us':>22s} {'forward+backward us':>24s}\n{'':22s} "
           f"{'Triton path':>11s} {'direct':>10s} {'Triton path':>13s} {'direct':>10s}  launches")
     for name, forward, forward_backward in cases():
         forward_backward()  # tune and compile
@@ -335,7 +335,7 @@ def main(argv=None) -> int:
                 times += [host_us(forward), host_us(forward_backward)]
             finally:
                 hooks.remove(hook)
-        print(f"{name:20s} {times[0]:11.1f} {times[2]:10.1f} {times[1]:13.1f} {times[3]:10.1f}"
+        print(f"{name:22s} {times[0]:11.1f} {times[2]:10.1f} {times[1]:13.1f} {times[3]:10.1f}"
               f"  {len(launches)}", flush=True)
         if args.profile:
             import cProfile
