@@ -168,6 +168,19 @@ def product_times(x, dy, w, w_dense) -> dict:
     return out
 
 
+def sweep_products(w, x) -> dict:
+    """The variant sweep's launches by kernel name, on a square W [n, n] and x [batch, n] (x
+    stands for dy too): what triton_warm_cache.py compiles ahead for the sweep."""
+    from sparsekern.triton import ops as tops
+
+    n = w.shape[0]
+    ro, ci, ri, to, tr, tp = w.topology()
+    bm, bk = w.block_shape
+    return {"dds_nt": lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, n, n, True, "tf32"),
+            "dds_nn": lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, n, n, False, "tf32"),
+            "sdd": lambda: tops.sdd(x, x, ro, ri, ci, bm, bk, "tf32")}
+
+
 def variant_sweep(n=4096, batch=4096, cases=((64, 0.9), (32, 0.9))) -> list[dict]:
     """Every autotuning candidate of dds_nt, dds_nn and sdd timed on its own (pinned_configs,
     graph replays) on the issue's target shapes: what each variant (TILES, SWAP, GROUP, BLOCK_R,
@@ -179,16 +192,13 @@ def variant_sweep(n=4096, batch=4096, cases=((64, 0.9), (32, 0.9))) -> list[dict
     rows = []
     for blk, sparsity in cases:
         w, x = linear_operands(n, batch, blk, sparsity)
-        ro, ci, ri, to, tr, tp = w.topology()
+        _, ci, ri, *_ = w.topology()
         w_dense = w.to_dense()
         dense_ms = graph_ms(lambda: x @ w_dense.t())
         sdd_dense_ms = graph_ms(lambda: x.t() @ x)
         refs = {"dds_nt": x.float() @ w_dense.float().t(), "dds_nn": x.float() @ w_dense.float(),
                 "sdd": dense_to_blocks(x.float().t() @ x.float(), ri, ci, blk, blk)}
-        products = {
-            "dds_nt": lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, n, n, True, "tf32"),
-            "dds_nn": lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, n, n, False, "tf32"),
-            "sdd": lambda: tops.sdd(x, x, ro, ri, ci, blk, blk, "tf32")}
+        products = sweep_products(w, x)
         for kernel, candidates in (("dds_nt", tops._DDS_NT_CANDIDATES),
                                    ("dds_nn", tops._DDS_NN_CANDIDATES),
                                    ("sdd", tops._SDD_CANDIDATES)):

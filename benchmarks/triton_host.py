@@ -22,6 +22,7 @@ same kernel, grid and arguments as Triton's own path did.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -239,14 +240,31 @@ def _this_calls_tensors(fake: CompileOnlyDriver) -> list[str]:
     return problems
 
 
+def _no_op(metadata):
+    pass
+
+
+@contextlib.contextmanager
+def triton_path(on: bool = True):
+    """Within the block (if `on`), launches go Triton's own way: a launch hook, as a profiler's
+    would be, turns ops._launch's direct launches off."""
+    import triton
+
+    hooks = triton.knobs.runtime.launch_enter_hook
+    if on:
+        hooks.add(_no_op)
+    try:
+        yield
+    finally:
+        hooks.remove(_no_op)
+
+
 def check(fake: CompileOnlyDriver) -> list[str]:
     """Problems found (empty when none): see the module docstring. Per case, Triton's own path
     (forced by a launch hook, as a profiler's would) is the reference for the launches that
     follow, which must all be direct; the cases share shapes and weights, so a launch cache
     keyed too coarsely (without the pointers' alignment, the dtypes, a flag) would launch an
     earlier case's kernel."""
-    import triton
-
     from sparsekern.triton import ops as tops
 
     problems = []
@@ -256,20 +274,13 @@ def check(fake: CompileOnlyDriver) -> list[str]:
         tuner.configs = [first, next(c for c in tuner.configs
                                      if c.kwargs["BLOCK_R"] != first.kwargs["BLOCK_R"])]
         tuner.cache_results = True
-    hooks = triton.knobs.runtime.launch_enter_hook
-
-    def hook(metadata):
-        pass
-
     for name, _, forward_backward in cases():
-        hooks.add(hook)
         try:
-            forward_backward()  # tunes and compiles
-            reference, hooked = _launches(fake, forward_backward)
+            with triton_path():
+                forward_backward()  # tunes and compiles
+                reference, hooked = _launches(fake, forward_backward)
         except Exception as err:  # noqa: BLE001 - the failure is the finding
             return problems + [f"{name}: {type(err).__name__}: {err}"]
-        finally:
-            hooks.remove(hook)
         # the first call fills the launch cache (through Triton's path), the next ones use it
         calls = [_launches(fake, forward_backward) for _ in range(3)]
         if not reference or any(c != reference for c, _ in calls):
@@ -303,8 +314,6 @@ def main(argv=None) -> int:
                         help="also a cProfile of the forward+backward calls")
     args = parser.parse_args(argv)
     fake = install()
-    import triton
-
     if args.check:
         import shutil
         import tempfile
@@ -317,24 +326,15 @@ def main(argv=None) -> int:
             shutil.rmtree(cache, ignore_errors=True)
         print("\n".join(problems) or "triton_host check: tuned and direct launches agree")
         return 1 if problems else 0
-    hooks = triton.knobs.runtime.launch_enter_hook
-
-    def hook(metadata):
-        pass
-
     print(f"{'':22s} {'forward us':>22s} {'forward+backward us':>24s}\n{'':22s} "
           f"{'Triton path':>11s} {'direct':>10s} {'Triton path':>13s} {'direct':>10s}  launches")
     for name, forward, forward_backward in cases():
         forward_backward()  # tune and compile
         launches, _ = _launches(fake, forward_backward)
         times = []
-        for triton_path in (True, False):  # a launch hook sends ops._launch Triton's way
-            if triton_path:
-                hooks.add(hook)
-            try:
+        for on in (True, False):
+            with triton_path(on):
                 times += [host_us(forward), host_us(forward_backward)]
-            finally:
-                hooks.remove(hook)
         print(f"{name:22s} {times[0]:11.1f} {times[2]:10.1f} {times[1]:13.1f} {times[3]:10.1f}"
               f"  {len(launches)}", flush=True)
         if args.profile:

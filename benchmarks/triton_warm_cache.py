@@ -38,14 +38,8 @@ def replays(quick: bool, tiny: bool = False):
     def sweep(blk, sparsity):
         from sparsekern.triton import ops as tops
 
-        w, x = bench.linear_operands(n_sweep, n_sweep, blk, sparsity, "cpu")
-        ro, ci, ri, to, tr, tp = w.topology()
-        products = {
-            "dds_nt": lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, n_sweep, n_sweep, True,
-                                       "tf32"),
-            "dds_nn": lambda: tops.dds(x, w.values, ro, ci, to, tr, tp, n_sweep, n_sweep, False,
-                                       "tf32"),
-            "sdd": lambda: tops.sdd(x, x, ro, ri, ci, blk, blk, "tf32")}
+        products = bench.sweep_products(*bench.linear_operands(n_sweep, n_sweep, blk, sparsity,
+                                                               "cpu"))
         for kernel, tuner in (("dds_nt", tops.dds_nt), ("dds_nn", tops.dds_nn),
                               ("sdd", tops.sdd_k)):
             for config in tuner.configs:  # this worker's share of the candidates

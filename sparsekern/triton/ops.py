@@ -228,16 +228,18 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     entry = None if key is None else _compiled.get(key)
     if entry is None:
         compiled = kernel[grid](*args, **kwargs)  # tunes (first time) and launches
-        n_tensors = next((i for i, a in enumerate(args) if not isinstance(a, Tensor)), len(args))
-        if any(isinstance(a, Tensor) for a in args[n_tensors:]):
-            return  # tensors after other arguments: not a launch the cache can key
-        _n_tensors[kernel] = n_tensors
+        if key is None:  # the kernel's first launch: where its tensors end
+            n_tensors = next((i for i, a in enumerate(args) if not isinstance(a, Tensor)),
+                             len(args))
+            if any(isinstance(a, Tensor) for a in args[n_tensors:]):
+                return  # tensors after other arguments: not a launch the cache can key
+            _n_tensors[kernel] = n_tensors
+            key = (kernel, device, _specialization(args, n_tensors), tuple(kwargs.items()))
         entry = _cache_entry(kernel, compiled, len(args))
         if entry is not None:
             if len(_compiled) >= _COMPILED_MAX:
                 _compiled.clear()
-            _compiled[(kernel, device, _specialization(args, n_tensors),
-                       tuple(kwargs.items()))] = entry
+            _compiled[key] = entry
         return
     compiled, meta, constants, kernel.best_config = entry  # best_config: what reports read
     g = grid(meta)
