@@ -55,7 +55,7 @@ def compile_sm90(kernel, args: tuple, kwargs: dict, config):
             constants[(i,)] = v
         else:
             signature[name] = "i32" if -2**31 <= v < 2**31 else "i64"
-            if v % 16 == 0:
+            if v % 16 == 0 and name not in jit_fn.do_not_specialize:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=jit_fn, signature=signature, constexprs=constants, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),

@@ -240,6 +240,23 @@ def _this_calls_tensors(fake: CompileOnlyDriver) -> list[str]:
     return problems
 
 
+def _densities_tuned_apart() -> list[str]:
+    """Two sparsities of one shape get a tuning each (the key's nnz_log2): the 99% run of a
+    benchmark must not inherit the 90% run's config."""
+    from sparsekern.bsr import BlockSparseMatrix
+    from sparsekern.triton import ops as tops
+
+    x = torch.randn(48, 512, dtype=torch.bfloat16)  # a batch the cases leave untuned
+    before = len(tops.dds_nt.cache)
+    for density in (0.5, 0.1):
+        w = BlockSparseMatrix.random((512, 512), (64, 64), density, dtype=torch.bfloat16)
+        topo = w.topology()
+        tops.dds(x, w.values, topo[0], topo[1], *topo[3:], 512, 512, True, "tf32")
+    if len(tops.dds_nt.cache) - before != 2:
+        return ["two sparsities of one shape shared a tuning (the key lacks the density)"]
+    return []
+
+
 def _no_op(metadata):
     pass
 
@@ -289,7 +306,7 @@ def check(fake: CompileOnlyDriver) -> list[str]:
         if not all(hooked) or any(any(h) for _, h in calls[1:]):
             problems.append(f"{name}: launches went the wrong way (Triton's path: {hooked}, "
                             f"direct: {[h for _, h in calls[1:]]})")
-    problems += _this_calls_tensors(fake)
+    problems += _this_calls_tensors(fake) + _densities_tuned_apart()
     if not fake.benchmarked:
         problems.append("the autotuner timed no config")
     # a new process: the tunings come from the disk cache, the kernels launch as before

@@ -70,20 +70,40 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(n_tiles, LINE_MAJOR: tl.constexpr):
+    """This program's (row tile, line of W) on the 1D grid of n_tiles x lines programs.
+    LINE_MAJOR: a row tile's lines (block rows for dds_nt, block columns for dds_nn) run one
+    after the other, so the programs in flight share a few row tiles of the operand that is
+    re-read once per stored block, which stays in L2; W's blocks, re-read once per row tile,
+    stay there too while W is small. Otherwise (W too large to stay in L2) the row tiles of a
+    line run together, so each of W's blocks is read from memory about once."""
+    pid = tl.program_id(0)
+    if LINE_MAJOR:
+        n_lines = tl.num_programs(0) // n_tiles
+        tile = pid // n_lines
+        line = pid % n_lines
+    else:
+        tile = pid % n_tiles
+        line = pid // n_tiles
+    return tile, line
+
+
+@triton.jit(do_not_specialize=["nnz_log2"])
 def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr, bias_ptr,
                   n_out, stride_a, stride_out,
-                  H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
+                  H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw, nnz_log2,
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
-                  TILES: tl.constexpr, SWAP: tl.constexpr,
+                  TILES: tl.constexpr, SWAP: tl.constexpr, LINE_MAJOR: tl.constexpr,
                   IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
     """One program: TILES consecutive tiles of BLOCK_R output rows x block row i of W.
     TILES > 1 runs one flat loop over (tile, stored block) pairs, so the software pipeline
     carries on from one tile into the next instead of filling again for every ~nnz/row blocks.
     SWAP accumulates the transposed tile, W_blk @ x^T ([BM, BLOCK_R]): the MMA's N dimension is
-    then the rows, not the block height (wider MMA instructions for 32/64-row blocks)."""
-    pid_r = tl.program_id(0)
-    i = tl.program_id(1)  # block row of W = block of output features
+    then the rows, not the block height (wider MMA instructions for 32/64-row blocks).
+    nnz_log2 (stored blocks per block row, log2) is only read by the autotuner's key."""
+    # i: block row of W = block of output features
+    pid_r, i = _program_tile(tl.cdiv(n_out, TILES * BLOCK_R), LINE_MAJOR)
     offs_m = tl.arange(0, BM)
     offs_k = tl.arange(0, BK)
     first = pid_r * (TILES * BLOCK_R)  # first output row of this program
@@ -160,17 +180,18 @@ def _nt_epilogue(acc, out_ptr, bias_ptr, rows, n_out, stride_out, i, offs_m, BM:
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nnz_log2"])
 def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_ptr, mask_ptr,
                   n_out, stride_a, stride_out,
-                  H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw,
+                  H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw, nnz_log2,
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
-                  SWAP: tl.constexpr,
+                  SWAP: tl.constexpr, LINE_MAJOR: tl.constexpr,
                   IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
                   UPCAST: tl.constexpr, HAS_MASK: tl.constexpr):
-    """SWAP accumulates the transposed tile W_blk^T @ dy^T ([BK, BLOCK_R]), as in dds_nt."""
-    pid_r = tl.program_id(0)
-    cb = tl.program_id(1)  # block of output columns (of input channels, for conv)
+    """SWAP accumulates the transposed tile W_blk^T @ dy^T ([BK, BLOCK_R]), as in dds_nt;
+    LINE_MAJOR and nnz_log2 (per block column here) as there."""
+    # cb: block of output columns (of input channels, for conv)
+    pid_r, cb = _program_tile(tl.cdiv(n_out, BLOCK_R), LINE_MAJOR)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows: input pixels for conv
     row_ok = rows < n_out
     offs_m = tl.arange(0, BM)
@@ -220,10 +241,10 @@ def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nnz_log2"])
 def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
                nnz, n_block_cols, n_total, per_split, stride_a, stride_b,
-               H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
+               H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw, nnz_log2,
                BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr, GROUP: tl.constexpr,
                Q_POW2: tl.constexpr, P_POW2: tl.constexpr, IS_CONV: tl.constexpr,
                ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -238,7 +259,8 @@ def sdd_kernel(a_ptr, b_ptr, row_offsets_ptr, row_idx_ptr, col_idx_ptr, out_ptr,
     RP = BLOCK_R // QB image rows x QB columns (QB = min(next power of two >= Q, BLOCK_R)), the
     images stacked so that small maps fill the tile: pixel coordinates by shifts (and one
     division by P unless P_POW2 = P is a power of two), not the four runtime divisions per
-    pixel and step of flat pixel rows."""
+    pixel and step of flat pixel rows. nnz_log2 (stored blocks per block row, log2) is only read
+    by the autotuner's key."""
     split = tl.program_id(1)
     if GROUP == 1:
         p = tl.program_id(0)  # stored block (CSR position)

@@ -108,10 +108,18 @@ def _configs(candidates):
 # Keys: JSON-serializable values only (cache_results writes them to disk; a tl.dtype there
 # raised TypeError after the first tuning). The autotuner adds every tensor's dtype itself, which
 # fixes ACC_DTYPE.
-_DDS_KEY = ["n_out", "C", "BM", "BK", "IS_CONV", "PRECISION"]
+# nnz_log2 (stored blocks per line, log2): a sparsity gets its own tuning, not the first one's.
+_DDS_KEY = ["n_out", "C", "nnz_log2", "BM", "BK", "LINE_MAJOR", "IS_CONV", "PRECISION"]
+def _tuning_bench(kernel_call, quantiles):
+    """The autotuner's timing of one candidate: the driver's do_bench (median) over 25 ms, not
+    its default 100: every candidate of every new key (shape, density) is timed, on a GPU
+    lent for minutes; a 0.1 ms kernel still runs ~250 times."""
+    return _driver.active.get_benchmarker()(kernel_call, quantiles=quantiles, warmup=5, rep=25)
+
+
 # cache_results (triton >= 3.4): the timings go to Triton's cache dir, so a new process skips
 # the first call's tuning (~1 s of compiles per candidate, per kernel and shape)
-_TUNE = dict(prune_configs_by={"early_config_prune": _prune},
+_TUNE = dict(prune_configs_by={"early_config_prune": _prune}, do_bench=_tuning_bench,
              **({"cache_results": True} if "cache_results" in
                 inspect.signature(triton.autotune).parameters else {}))
 dds_nt = triton.autotune(_configs(_DDS_NT_CANDIDATES), key=_DDS_KEY,
@@ -119,8 +127,8 @@ dds_nt = triton.autotune(_configs(_DDS_NT_CANDIDATES), key=_DDS_KEY,
 dds_nn = triton.autotune(_configs(_DDS_NN_CANDIDATES), key=_DDS_KEY,
                          **_TUNE)(kernels.dds_nn_kernel)
 sdd_k = triton.autotune(_configs(_SDD_CANDIDATES),
-                        key=["n_total", "per_split", "C", "BM", "BK", "Q_POW2", "P_POW2",
-                             "IS_CONV", "PRECISION"], **_TUNE)(kernels.sdd_kernel)
+                        key=["n_total", "per_split", "C", "nnz_log2", "BM", "BK", "Q_POW2",
+                             "P_POW2", "IS_CONV", "PRECISION"], **_TUNE)(kernels.sdd_kernel)
 
 
 @contextlib.contextmanager
@@ -253,6 +261,29 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _nnz_log2(nnz: int, lines: int) -> int:
+    """The autotuning key's density: bit length of the mean stored blocks per line."""
+    return (-(-nnz // max(lines, 1))).bit_length()
+
+
+_L2_BYTES: dict = {}  # CUDA device index -> L2 cache bytes
+
+
+def _line_major(values: Tensor) -> bool:
+    """dds's program order (kernels._program_tile): line-major while W's blocks take at most a
+    quarter of the L2 (no CUDA device, e.g. the interpreter: an H100's 50 MB), so that they
+    stay there while the row tiles pass. (An LRU model of the L2 for 4096 / 8192-wide layers,
+    batch 4096, 64x64 blocks, 90% sparse: memory reads 38 -> 37 MB / 419 -> 81 MB; see
+    benchmarks/RESULTS.md.)"""
+    l2 = 50 << 20
+    if values.device.type == "cuda":
+        index = values.device.index
+        l2 = _L2_BYTES.get(index)
+        if l2 is None:
+            l2 = _L2_BYTES[index] = torch.cuda.get_device_properties(values.device).L2_cache_size
+    return 4 * values.numel() * values.element_size() <= l2
+
+
 def _unit_stride(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -269,29 +300,31 @@ def dds(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor, t_offse
     _, bm, bk = values.shape
     is_conv, H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw = _geometry(conv, n_cols)
     mode, upcast = _dot_mode(values.dtype, precision)
-    common = dict(BM=bm, BK=bk, IS_CONV=is_conv, ACC_DTYPE=_acc_dtype(values.dtype),
-                  PRECISION=mode, UPCAST=upcast)
+    common = dict(BM=bm, BK=bk, LINE_MAJOR=_line_major(values), IS_CONV=is_conv,
+                  ACC_DTYPE=_acc_dtype(values.dtype), PRECISION=mode, UPCAST=upcast)
+    nnz = values.shape[0]
     if trans_w:  # y [rows, n_rows], rows = N*P*Q (conv) or the batch
         n_out = conv[0] * P * Q if conv else a.shape[0]
         out = a.new_empty(n_out, n_rows)
         if out.numel() == 0:
             return out
-        grid = lambda meta: (_cdiv(n_out, meta["BLOCK_R"] * meta["TILES"]),  # noqa: E731
-                             n_rows // bm)
+        # one dimension: (row tiles x block rows) can pass the 65535 of a second one
+        grid = lambda meta: (  # noqa: E731
+            _cdiv(n_out, meta["BLOCK_R"] * meta["TILES"]) * (n_rows // bm),)
         _launch(dds_nt, grid, a, values, row_offsets, col_idx, out,
                 bias.contiguous() if bias is not None else out, n_out, a.stride(0),
                 out.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
-                HAS_BIAS=bias is not None, RELU=relu, **common)
+                _nnz_log2(nnz, n_rows // bm), HAS_BIAS=bias is not None, RELU=relu, **common)
         return out
     n_out = conv[0] * H * W if conv else a.shape[0]  # dx [N*H*W, C] or a @ W [B, n_cols]
     out = a.new_empty(n_out, C)
     if out.numel() == 0:
         return out
-    grid = lambda meta: (_cdiv(n_out, meta["BLOCK_R"]), C // bk)  # noqa: E731
+    grid = lambda meta: (_cdiv(n_out, meta["BLOCK_R"]) * (C // bk),)  # noqa: E731
     _launch(dds_nn, grid, a, values, t_offsets, t_rows, t_perm, out,
             relu_mask if relu_mask is not None else a, n_out, a.stride(0), out.stride(0),
-            H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw, HAS_MASK=relu_mask is not None,
-            **common)
+            H, W, C, R, S, P, Q, sh, sw, ph, pw, dh, dw, _nnz_log2(nnz, R * S * C // bk),
+            HAS_MASK=relu_mask is not None, **common)
     return out
 
 
@@ -325,9 +358,9 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, row_idx: Tensor, col_idx: Ten
                              splits)
         _launch(sdd_k, grid, a, b, row_offsets, row_idx, col_idx, out, nnz, n_block_cols, n_total,
                 per_split, a.stride(0), b.stride(0), H, W, C, S, P, Q, sh, sw, ph, pw, dh, dw,
-                BM=bm, BK=bk, Q_POW2=1 << (Q - 1).bit_length(),
-                P_POW2=P if P & (P - 1) == 0 else 0, IS_CONV=is_conv,
-                ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)
+                _nnz_log2(nnz, row_offsets.shape[0] - 1), BM=bm, BK=bk,
+                Q_POW2=1 << (Q - 1).bit_length(), P_POW2=P if P & (P - 1) == 0 else 0,
+                IS_CONV=is_conv, ACC_DTYPE=_acc_dtype(a.dtype), PRECISION=mode, UPCAST=upcast)
     elif nnz:  # no reduction rows: the gradient is zero
         out.zero_()
     return out[0] if splits == 1 else out.sum(0).to(a.dtype)

@@ -100,6 +100,19 @@ def check_linear_products(block, kind, dtype, gen):
                  dtype, "sdd")
 
 
+@pytest.mark.parametrize("line_major", [True, False], ids=["line-major", "tile-major"])
+def test_program_orders_match_oracle(line_major, gen, backend_spy, monkeypatch):
+    """dds's programs (one 1D grid of row tiles x lines) in either order (ops._line_major: by
+    W's size against the L2), with several row tiles and lines: linear, with TILES row tiles
+    per program, and a strided conv."""
+    monkeypatch.setattr(sk_triton._ops(), "_line_major", lambda values: line_major)
+    check_linear_products((16, 16), "sparse", torch.float64, gen)
+    with pinned_variant(VARIANTS[0]):
+        check_linear_products((16, 32), "sparse", torch.float64, gen)
+        check_bsr_conv2d(CONV_CASES[1], "triton", torch.float32, gen, spy=backend_spy,
+                         device=DEVICE)
+
+
 @pytest.mark.parametrize("group", [1, 2, 4])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
