@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_info, print_table, write_json  # noqa: E402
+from traffic_model import product_bytes  # noqa: E402
 
 import sparsekern  # noqa: E402
 from sparsekern.bsr import BlockSparseMatrix  # noqa: E402
@@ -159,10 +160,18 @@ def product_times(x, dy, w, w_dense) -> dict:
         "nn": (lambda: tops.dds(dy, w.values, ro, ci, to, tr, tp, Mp, Kp, False, prec),
                lambda: dy @ w_dense),
         "sdd": (lambda: tops.sdd(dy, x, ro, ri, ci, bm, bk, prec), lambda: dy.t() @ x)}
+    tuners = {"nt": tops.dds_nt, "nn": tops.dds_nn, "sdd": tops.sdd_k}
     out = {}
     for name, (ours, dense) in products.items():
         out[f"{name}_ms"], out[f"{name}_dense_ms"] = graph_ms(ours), graph_ms(dense)
         out[f"x_{name}"] = out[f"{name}_dense_ms"] / out[f"{name}_ms"]
+        # the modelled bytes through the L2 at the config the autotuner chose, per second: the
+        # same TB/s at every sparsity is a bandwidth-bound kernel (traffic_model.py)
+        chosen = getattr(getattr(tuners[name], "best_config", None), "kwargs", {})
+        moved = product_bytes(name, w.values.shape[0], x.shape[0], bm, bk, Mp, Kp,
+                              chosen.get("BLOCK_R", 128), chosen.get("GROUP", 1),
+                              x.element_size())
+        out[f"{name}_tbs"] = moved / (out[f"{name}_ms"] * 1e-3) / 1e12
     out["configs"] = {name: str(getattr(k, "best_config", None)) for name, k in
                       (("dds_nt", tops.dds_nt), ("dds_nn", tops.dds_nn), ("sdd", tops.sdd_k))}
     return out
@@ -322,11 +331,13 @@ def print_report(sweep: list[dict], rows: list[dict], profile: str = "") -> None
                        ("dense_fb", "dense f+b", ".3f"), ("ours_fb", "ours f+b", ".3f"),
                        ("x_dense_fb", "x f+b", ".2f"), ("ours_fwd_graph", "graph ms", ".3f"),
                        ("x_dense_fwd_graph", "x graph", ".2f"), ("rel_err", "rel err", ".1e")])
-    print("\nper product (graph replays; dense = the matmul each replaces):")
+    print("\nper product (graph replays; dense = the matmul each replaces; TB/s = bytes through "
+          "the L2 modelled at the chosen tile, traffic_model.py):")
     print_table([r for r in rows if "nt_ms" in r], [
         ("shape", "shape", "s"), ("block", "block", "d"), ("sparsity", "sparsity", ".2f"),
-        ("nt_ms", "x@W^T ms", ".3f"), ("x_nt", "x dense", ".2f"), ("nn_ms", "dy@W ms", ".3f"),
-        ("x_nn", "x dense", ".2f"), ("sdd_ms", "sdd ms", ".3f"), ("x_sdd", "x dense", ".2f"),
+        ("nt_ms", "x@W^T ms", ".3f"), ("x_nt", "x dense", ".2f"), ("nt_tbs", "TB/s", ".2f"),
+        ("nn_ms", "dy@W ms", ".3f"), ("x_nn", "x dense", ".2f"), ("nn_tbs", "TB/s", ".2f"),
+        ("sdd_ms", "sdd ms", ".3f"), ("x_sdd", "x dense", ".2f"), ("sdd_tbs", "TB/s", ".2f"),
         ("dense_fb_graph", "dense f+b graph", ".3f"), ("ours_fb_graph", "ours f+b graph", ".3f"),
         ("x_dense_fb_graph", "x f+b graph", ".2f")])
     print("\nconfigs the autotuner chose (last call of each kernel in the case):")

@@ -274,7 +274,7 @@ def _line_major(values: Tensor) -> bool:
     quarter of the L2 (no CUDA device, e.g. the interpreter: an H100's 50 MB), so that they
     stay there while the row tiles pass. (An LRU model of the L2 for 4096 / 8192-wide layers,
     batch 4096, 64x64 blocks, 90% sparse: memory reads 38 -> 37 MB / 419 -> 81 MB; see
-    benchmarks/RESULTS.md.)"""
+    benchmarks/traffic_model.py.)"""
     l2 = 50 << 20
     if values.device.type == "cuda":
         index = values.device.index

@@ -405,6 +405,7 @@ def test_bench_triton_gpu_smoke(monkeypatch):
     row = bench.linear_case(64, 20, 16, 0.5)
     assert row["rel_err"] < 2e-2 and row["x_nt"] == 1.0 and set(row["configs"]) == {
         "dds_nt", "dds_nn", "sdd"}
+    assert all(row[f"{p}_tbs"] > 0 for p in ("nt", "nn", "sdd"))
     sweep = bench.variant_sweep(n=64, batch=20, cases=((16, 0.5),))
     tops = sk_triton._ops()
     assert len(sweep) == len(tops._DDS_NT_CANDIDATES) + len(tops._DDS_NN_CANDIDATES) + len(
