@@ -39,8 +39,11 @@ def compile_sm90(kernel, args: tuple, kwargs: dict, config):
     from triton.compiler import ASTSource
 
     jit_fn = kernel.fn
-    params = list(inspect.signature(jit_fn.fn).parameters)
-    values = dict(zip(params, args))
+    signature_ = inspect.signature(jit_fn.fn).parameters
+    params = list(signature_)
+    values = {name: p.default for name, p in signature_.items()  # as Triton's binder does
+              if p.default is not inspect.Parameter.empty}
+    values.update(zip(params, args))
     values.update(kwargs)
     values.update(config.kwargs)
     signature, constants, attrs = {}, {}, {}
@@ -50,7 +53,7 @@ def compile_sm90(kernel, args: tuple, kwargs: dict, config):
             signature[name] = "*" + _TRITON_TYPES[v.dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool) or not isinstance(v, int) or v == 1 or name in kwargs \
-                or name in config.kwargs:
+                or name in config.kwargs or jit_fn.params[i].is_constexpr:
             signature[name] = "constexpr"
             constants[(i,)] = v
         else:
@@ -233,9 +236,11 @@ def main(argv=None) -> int:
     if interpreting():
         raise SystemExit("triton_codegen: unset TRITON_INTERPRET (the interpreter replaces the "
                          "kernels)")
-    # every candidate on the target block shape; the first one the autotuner keeps elsewhere
-    rows = run([((64, 64), torch.bfloat16, False), ((64, 64), torch.bfloat16, True)])
-    others = [((b, b), torch.bfloat16, False) for b in (16, 32, 128)]
+    # every candidate on the target block shapes (32x32: the K_STEP ones); the first one the
+    # autotuner keeps elsewhere
+    rows = run([((64, 64), torch.bfloat16, False), ((64, 64), torch.bfloat16, True),
+                ((32, 32), torch.bfloat16, False)])
+    others = [((b, b), torch.bfloat16, False) for b in (16, 128)]
     others += [((32, 64), torch.float16, False), ((64, 64), torch.float32, False)]
     rows += run(others, every_candidate=args.all_blocks)
     bad = [r for r in rows if r["bad"]]

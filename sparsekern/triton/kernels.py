@@ -5,7 +5,7 @@ each kernel carries the implicit-GEMM indexing under the constexpr IS_CONV and t
 instance compiles without it. Shapes (see sparsekern/ops.py):
 
     dds_nt  y [N*P*Q, Mp] = im2col(x) @ W^T   one program: TILES x BLOCK_R output rows x one
-                                              block row
+                                              block row (K_STEP: several blocks a step)
     dds_nn  dx [N*H*W, C] = col2im(dy @ W)    one program: BLOCK_R input rows x one block column
                                               of one filter tap (gathers dy, no atomics)
     sdd     dW [nnz, BM, BK] = dy^T @ im2col(x) on the stored blocks; one program per block
@@ -95,13 +95,19 @@ def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr, bias
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
                   TILES: tl.constexpr, SWAP: tl.constexpr, LINE_MAJOR: tl.constexpr,
                   IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+                  UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                  K_STEP: tl.constexpr = 0):
     """One program: TILES consecutive tiles of BLOCK_R output rows x block row i of W.
     TILES > 1 runs one flat loop over (tile, stored block) pairs, so the software pipeline
     carries on from one tile into the next instead of filling again for every ~nnz/row blocks.
     SWAP accumulates the transposed tile, W_blk @ x^T ([BM, BLOCK_R]): the MMA's N dimension is
     then the rows, not the block height (wider MMA instructions for 32/64-row blocks).
+    K_STEP > BK (TILES = 1): each step takes K_STEP // BK consecutive blocks of the row, their x
+    columns gathered side by side, one MMA K_STEP deep: narrow blocks (16, 32) in half or a
+    quarter of the steps, each moving more bytes (for conv the taps differ per block, so the
+    source rows per column, as in sdd's GROUP: correct, left out of autotuning).
     nnz_log2 (stored blocks per block row, log2) is only read by the autotuner's key."""
+    KG: tl.constexpr = K_STEP // BK if K_STEP > BK else 1  # blocks per step
     # i: block row of W = block of output features
     pid_r, i = _program_tile(tl.cdiv(n_out, TILES * BLOCK_R), LINE_MAJOR)
     offs_m = tl.arange(0, BM)
@@ -122,38 +128,62 @@ def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr, bias
     if TILES == 1:  # one tile: its rows' pixel coordinates serve every block
         nh1, h01, w01, ok1 = _conv_row_coords(first + tl.arange(0, BLOCK_R), n_out, P, Q, H, sh,
                                               sw, ph, pw, IS_CONV)
-    for it in range(n_iter):
-        t = it // per_tile
-        p = start + it - t * per_tile  # stored block (CSR position)
-        has = p < start + nblk
-        rows = first + t * BLOCK_R + tl.arange(0, BLOCK_R)
-        col0 = tl.load(col_idx_ptr + p, mask=has, other=0) * BK  # in [0, R*S*C): int32 math
-        tap = col0 // C
-        if TILES == 1:
-            src, ok = _conv_tap_rows(nh1, h01, w01, ok1, tap // S, tap % S, H, W, dh, dw,
+    if KG > 1:
+        tl.static_assert(TILES == 1, "K_STEP > BK takes one row tile per program")
+        offs_g = tl.arange(0, KG * BK)  # the step's columns, block after block
+        for it in range(tl.cdiv(nblk, KG)):
+            q = start + it * KG + offs_g // BK  # stored block of each column
+            has_g = q < start + nblk
+            col0 = tl.load(col_idx_ptr + q, mask=has_g, other=0) * BK
+            tap = col0 // C
+            src, ok = _conv_tap_rows(nh1[:, None], h01[:, None], w01[:, None], ok1[:, None],
+                                     (tap // S)[None, :], (tap % S)[None, :], H, W, dh, dw,
                                      IS_CONV)
-        else:
-            src, ok = _conv_source_rows(rows, n_out, P, Q, H, W, tap // S, tap % S, sh, sw, ph,
-                                        pw, dh, dw, IS_CONV)
-        # the hint: the compiler cannot see that a loaded col0 % C is a multiple of BK, and
-        # without it the x tile is loaded 2 bytes at a time and outside the async pipeline
-        kc = col0
-        if IS_CONV:  # the channel offset within the tap (linear: col0 < C already)
-            kc = col0 % C
-        kcol = tl.max_contiguous(tl.multiple_of(kc + offs_k, BK), BK)
-        x = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_a + kcol[None, :],
-                    mask=(ok & has)[:, None], other=0.0)
-        w = tl.load(values_ptr + p.to(tl.int64) * (BM * BK) + offs_m[:, None] * BK
-                    + offs_k[None, :], mask=has, other=0.0)
-        if SWAP:
-            acc = _dot(w, tl.trans(x), acc, PRECISION, UPCAST)
-        else:
-            acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
-        if TILES > 1:
-            if it - t * per_tile == per_tile - 1:  # last block of this tile
-                _nt_epilogue(acc, out_ptr, bias_ptr, rows, n_out, stride_out, i, offs_m, BM,
-                             ACC_DTYPE, HAS_BIAS, RELU, SWAP)
-                acc = tl.zeros_like(acc)
+            kc = col0
+            if IS_CONV:
+                kc = col0 % C
+            kcol = tl.max_contiguous(tl.multiple_of(kc + offs_g % BK, BK), BK)
+            x = tl.load(a_ptr + src * stride_a + kcol[None, :], mask=ok & has_g[None, :],
+                        other=0.0)
+            w = tl.load(values_ptr + q.to(tl.int64)[None, :] * (BM * BK) + offs_m[:, None] * BK
+                        + (offs_g % BK)[None, :], mask=has_g[None, :], other=0.0)
+            if SWAP:
+                acc = _dot(w, tl.trans(x), acc, PRECISION, UPCAST)
+            else:
+                acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
+    else:
+        for it in range(n_iter):
+            t = it // per_tile
+            p = start + it - t * per_tile  # stored block (CSR position)
+            has = p < start + nblk
+            rows = first + t * BLOCK_R + tl.arange(0, BLOCK_R)
+            col0 = tl.load(col_idx_ptr + p, mask=has, other=0) * BK  # in [0, R*S*C): int32 math
+            tap = col0 // C
+            if TILES == 1:
+                src, ok = _conv_tap_rows(nh1, h01, w01, ok1, tap // S, tap % S, H, W, dh, dw,
+                                         IS_CONV)
+            else:
+                src, ok = _conv_source_rows(rows, n_out, P, Q, H, W, tap // S, tap % S, sh, sw, ph,
+                                            pw, dh, dw, IS_CONV)
+            # the hint: the compiler cannot see that a loaded col0 % C is a multiple of BK, and
+            # without it the x tile is loaded 2 bytes at a time and outside the async pipeline
+            kc = col0
+            if IS_CONV:  # the channel offset within the tap (linear: col0 < C already)
+                kc = col0 % C
+            kcol = tl.max_contiguous(tl.multiple_of(kc + offs_k, BK), BK)
+            x = tl.load(a_ptr + src.to(tl.int64)[:, None] * stride_a + kcol[None, :],
+                        mask=(ok & has)[:, None], other=0.0)
+            w = tl.load(values_ptr + p.to(tl.int64) * (BM * BK) + offs_m[:, None] * BK
+                        + offs_k[None, :], mask=has, other=0.0)
+            if SWAP:
+                acc = _dot(w, tl.trans(x), acc, PRECISION, UPCAST)
+            else:
+                acc = _dot(x, tl.trans(w), acc, PRECISION, UPCAST)
+            if TILES > 1:
+                if it - t * per_tile == per_tile - 1:  # last block of this tile
+                    _nt_epilogue(acc, out_ptr, bias_ptr, rows, n_out, stride_out, i, offs_m, BM,
+                                 ACC_DTYPE, HAS_BIAS, RELU, SWAP)
+                    acc = tl.zeros_like(acc)
     if TILES == 1:
         _nt_epilogue(acc, out_ptr, bias_ptr, first + tl.arange(0, BLOCK_R), n_out, stride_out, i,
                      offs_m, BM, ACC_DTYPE, HAS_BIAS, RELU, SWAP)
@@ -187,9 +217,12 @@ def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_
                   BM: tl.constexpr, BK: tl.constexpr, BLOCK_R: tl.constexpr,
                   SWAP: tl.constexpr, LINE_MAJOR: tl.constexpr,
                   IS_CONV: tl.constexpr, ACC_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
-                  UPCAST: tl.constexpr, HAS_MASK: tl.constexpr):
+                  UPCAST: tl.constexpr, HAS_MASK: tl.constexpr, K_STEP: tl.constexpr = 0):
     """SWAP accumulates the transposed tile W_blk^T @ dy^T ([BK, BLOCK_R]), as in dds_nt;
-    LINE_MAJOR and nnz_log2 (per block column here) as there."""
+    LINE_MAJOR and nnz_log2 (per block column here) as there. K_STEP > BM: K_STEP // BM
+    blocks of the block column (and tap) per step, one MMA K_STEP deep (conv included: a tap's
+    blocks share their source rows)."""
+    KG: tl.constexpr = K_STEP // BM if K_STEP > BM else 1  # blocks per step
     # cb: block of output columns (of input channels, for conv)
     pid_r, cb = _program_tile(tl.cdiv(n_out, BLOCK_R), LINE_MAJOR)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # output rows: input pixels for conv
@@ -220,19 +253,41 @@ def dds_nn_kernel(a_ptr, values_ptr, t_offsets_ptr, t_rows_ptr, t_perm_ptr, out_
         j = tap * (C // BK) + cb  # block column of W
         start = tl.load(t_offsets_ptr + j)
         end = tl.load(t_offsets_ptr + j + 1)
-        for t in range(start, end):
-            blk = tl.load(t_perm_ptr + t).to(tl.int64)
-            row0 = tl.load(t_rows_ptr + t) * BM
-            at = src.to(tl.int64)[:, None] * stride_a + (row0 + offs_m)[None, :]
-            g = tl.load(a_ptr + at, mask=ok[:, None], other=0.0)
-            if HAS_MASK:  # a fused ReLU's backward: mask_ptr holds its output, laid out as a
-                g = tl.where(tl.load(mask_ptr + at, mask=ok[:, None], other=0.0) > 0, g,
-                             tl.zeros_like(g))
-            wv = tl.load(values_ptr + blk * (BM * BK) + offs_m[:, None] * BK + offs_k[None, :])
-            if SWAP:
-                acc = _dot(tl.trans(wv), tl.trans(g), acc, PRECISION, UPCAST)
-            else:
-                acc = _dot(g, wv, acc, PRECISION, UPCAST)
+        if KG > 1:
+            offs_g = tl.arange(0, KG * BM)  # the step's dy columns, block after block
+            for t in range(start, end, KG):
+                q = t + offs_g // BM  # position in the block column of each column
+                has_g = q < end
+                blk = tl.load(t_perm_ptr + q, mask=has_g, other=0).to(tl.int64)
+                row0 = tl.load(t_rows_ptr + q, mask=has_g, other=0) * BM
+                dcol = tl.max_contiguous(tl.multiple_of(row0 + offs_g % BM, BM), BM)
+                at = src.to(tl.int64)[:, None] * stride_a + dcol[None, :]
+                g_ok = ok[:, None] & has_g[None, :]
+                g = tl.load(a_ptr + at, mask=g_ok, other=0.0)
+                if HAS_MASK:
+                    g = tl.where(tl.load(mask_ptr + at, mask=g_ok, other=0.0) > 0, g,
+                                 tl.zeros_like(g))
+                wv = tl.load(values_ptr + blk[:, None] * (BM * BK)
+                             + (offs_g % BM)[:, None] * BK + offs_k[None, :],
+                             mask=has_g[:, None], other=0.0)  # [KG*BM, BK]
+                if SWAP:
+                    acc = _dot(tl.trans(wv), tl.trans(g), acc, PRECISION, UPCAST)
+                else:
+                    acc = _dot(g, wv, acc, PRECISION, UPCAST)
+        else:
+            for t in range(start, end):
+                blk = tl.load(t_perm_ptr + t).to(tl.int64)
+                row0 = tl.load(t_rows_ptr + t) * BM
+                at = src.to(tl.int64)[:, None] * stride_a + (row0 + offs_m)[None, :]
+                g = tl.load(a_ptr + at, mask=ok[:, None], other=0.0)
+                if HAS_MASK:  # a fused ReLU's backward: mask_ptr holds its output, laid out as a
+                    g = tl.where(tl.load(mask_ptr + at, mask=ok[:, None], other=0.0) > 0, g,
+                                 tl.zeros_like(g))
+                wv = tl.load(values_ptr + blk * (BM * BK) + offs_m[:, None] * BK + offs_k[None, :])
+                if SWAP:
+                    acc = _dot(tl.trans(wv), tl.trans(g), acc, PRECISION, UPCAST)
+                else:
+                    acc = _dot(g, wv, acc, PRECISION, UPCAST)
     if SWAP:
         out = out_ptr + rows.to(tl.int64)[None, :] * stride_out + (cb * BK + offs_k)[:, None]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[None, :])

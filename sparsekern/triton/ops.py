@@ -29,7 +29,8 @@ from sparsekern.triton import interpreting, kernels
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop candidates that cannot pay off for this shape: an fp32 accumulator of BLOCK_R x 128
+    """Drop candidates that cannot pay off for this shape: K_STEP where it groups one block (or
+    dds_nt's conv), an fp32 accumulator of BLOCK_R x 128
     with BLOCK_R = 256 (or BM x GROUP*BK past 128 x 128) does not fit in registers, nor some
     fp32 pipelines (sdd groups, dds prefetching two tiles ahead) in shared memory; TILES row
     tiles per program need that many tiles to share out (n_out rows), or programs would idle,
@@ -46,6 +47,12 @@ def _prune(configs, named_args, **kwargs):
         group, tiles = c.kwargs.get("GROUP", 1), c.kwargs.get("TILES", 1)
         rows = c.kwargs["BLOCK_R"]
         bm, bk = arg("BM"), arg("BK")
+        # K_STEP groups dds_nt's block columns (BK wide; per-column conv sources: linear only)
+        # or dds_nn's block rows (BM): timed only where it groups more than one block
+        k_step, nt = c.kwargs.get("K_STEP", 0), "TILES" in c.kwargs
+        per_step = max(1, k_step // (bk if nt else bm))
+        if k_step and (per_step == 1 or nt and arg("IS_CONV", False)):
+            return False
         # shared memory (wgmma pipelines; measured against the compiled kernels): sdd buffers
         # num_stages tiles of dy [BLOCK_R, BM] and x [BLOCK_R, GROUP*BK]; dds 1 + ahead tiles
         # of a and of W, ahead = (num_stages - 1) // 2, or, with the ReLU mask (a and the
@@ -58,6 +65,7 @@ def _prune(configs, named_args, **kwargs):
             smem = (ahead * 2 * rows * max(bm, bk) + (1 + ahead) * bm * bk) * elem
         else:
             smem = (1 + ahead) * (rows * max(bm, bk) + bm * bk) * elem
+        smem *= per_step  # tiles per_step blocks wide
         return (rows * max(bm, bk) <= 128 * 128 and bm * group * bk <= 128 * 128
                 and smem <= 232448
                 # several row tiles' accumulators and prefetched 128-wide tiles spill registers
@@ -77,12 +85,18 @@ def _prune(configs, named_args, **kwargs):
 # ahead; 2 buffers for a wgmma loop) and 5 gives two ahead (3 buffers); read off the TTGIR by
 # benchmarks/triton_codegen.py, which flags candidates that compile alike.
 _PLAIN = ((64, 4, 3), (64, 4, 5), (128, 4, 3), (128, 8, 3), (128, 4, 5), (256, 8, 3))
+# K_STEP=64: blocks narrower than 64 (16, 32) several to a step (kernels.py), only timed for
+# them; untimed guess: 32x32 ran at ~1.8 TB/s of modelled L2 traffic on the H100, 64x64 at
+# ~3.2 (traffic_model.py), so per-step costs, not bytes, held the narrow blocks back.
+_NARROW = ((128, 4, 3), (128, 4, 5), (256, 8, 3))
 _DDS_NT_CANDIDATES = [(r, w, s, dict(TILES=1, SWAP=False)) for r, w, s in _PLAIN] + [
     (128, 4, 3, dict(TILES=1, SWAP=True)), (256, 8, 3, dict(TILES=1, SWAP=True)),
     (128, 4, 5, dict(TILES=4, SWAP=False)), (128, 4, 5, dict(TILES=4, SWAP=True)),
-    (256, 8, 5, dict(TILES=2, SWAP=True)), (64, 4, 5, dict(TILES=8, SWAP=False))]
+    (256, 8, 5, dict(TILES=2, SWAP=True)), (64, 4, 5, dict(TILES=8, SWAP=False))] + [
+    (r, w, s, dict(TILES=1, SWAP=False, K_STEP=64)) for r, w, s in _NARROW]
 _DDS_NN_CANDIDATES = [(r, w, s, dict(SWAP=False)) for r, w, s in _PLAIN] + [
-    (128, 4, 3, dict(SWAP=True)), (256, 8, 3, dict(SWAP=True))]
+    (128, 4, 3, dict(SWAP=True)), (256, 8, 3, dict(SWAP=True))] + [
+    (r, w, s, dict(SWAP=False, K_STEP=64)) for r, w, s in _NARROW]
 # sdd's GROUP (blocks of one block row per program, one dy tile for all): untimed, as above.
 _SDD_CANDIDATES = [(32, 4, 3, dict(GROUP=1)), (64, 4, 3, dict(GROUP=1)), (64, 8, 3, dict(GROUP=1)),
                    (128, 8, 3, dict(GROUP=1)), (64, 8, 3, dict(GROUP=2)), (64, 8, 3, dict(GROUP=4)),

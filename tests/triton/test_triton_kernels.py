@@ -47,26 +47,30 @@ LINEAR_CASES = [((16, 16), "sparse"), ((32, 16), "sparse"), ((16, 32), "nnz0"),
 
 # Kernel variants (kernels.py): TILES row tiles per dds_nt program, SWAP = transposed
 # accumulators in dds_nt and dds_nn, GROUP blocks of a block row per sdd program (4: more than
-# the 3x3-block test matrices hold in a row, so groups run short). BLOCK_R 16 so that the tiny
-# shapes span several tiles.
-VARIANTS = [dict(TILES=2, SWAP=False, GROUP=2), dict(TILES=1, SWAP=True, GROUP=1),
-            dict(TILES=3, SWAP=True, GROUP=4)]
+# the 3x3-block test matrices hold in a row, so groups run short), K_STEP columns per dds step
+# (16-wide blocks: 2 or 4 to a step, 32-wide: 2, a row's last step short). BLOCK_R 16 so that
+# the tiny shapes span several tiles.
+VARIANTS = [dict(TILES=2, SWAP=False, GROUP=2, K_STEP=0),
+            dict(TILES=1, SWAP=True, GROUP=1, K_STEP=32),
+            dict(TILES=3, SWAP=True, GROUP=4, K_STEP=0),
+            dict(TILES=1, SWAP=False, GROUP=1, K_STEP=64)]
 
 
 @contextlib.contextmanager
 def pinned_variant(variant):
     Config = triton.Config
     with sk_triton._ops().pinned_configs(
-            dds_nt=Config({"BLOCK_R": 16, "TILES": variant["TILES"], "SWAP": variant["SWAP"]},
+            dds_nt=Config({"BLOCK_R": 16, "TILES": variant["TILES"], "SWAP": variant["SWAP"],
+                           "K_STEP": variant["K_STEP"]}, num_warps=4, num_stages=2),
+            dds_nn=Config({"BLOCK_R": 16, "SWAP": variant["SWAP"], "K_STEP": variant["K_STEP"]},
                           num_warps=4, num_stages=2),
-            dds_nn=Config({"BLOCK_R": 16, "SWAP": variant["SWAP"]}, num_warps=4, num_stages=2),
             sdd=Config({"BLOCK_R": 16, "GROUP": variant["GROUP"]}, num_warps=4, num_stages=2)):
         yield
 
 
 def variant_id(variant):
     return (f"tiles{variant['TILES']}{'-swap' if variant['SWAP'] else ''}"
-            f"-group{variant['GROUP']}")
+            f"-group{variant['GROUP']}" + (f"-k{variant['K_STEP']}" if variant["K_STEP"] else ""))
 
 
 @pytest.mark.parametrize("block,kind", LINEAR_CASES)
@@ -167,6 +171,15 @@ def test_autotuning_prunes_what_cannot_pay_off():
         tops.candidate_configs(tops._DDS_NN_CANDIDATES),
         {"a_ptr": torch.empty(0, dtype=torch.float32)}, BM=64, BK=64, HAS_MASK=True)]
     assert (128, 5) in masked
+    # K_STEP (several narrow blocks per step): timed where it groups blocks, dds_nt's conv aside
+    def k_steps(candidates, **args):
+        return {c.kwargs.get("K_STEP", 0) for c in tops._prune(
+            tops.candidate_configs(candidates), {"a_ptr": torch.empty(0)}, n_out=4096, **args)}
+    assert k_steps(tops._DDS_NT_CANDIDATES, BM=64, BK=32) == {0, 64}
+    assert k_steps(tops._DDS_NT_CANDIDATES, BM=32, BK=64) == {0}
+    assert k_steps(tops._DDS_NT_CANDIDATES, BM=16, BK=16, IS_CONV=True) == {0}
+    assert k_steps(tops._DDS_NN_CANDIDATES, BM=32, BK=64, IS_CONV=True) == {0, 64}
+    assert k_steps(tops._DDS_NN_CANDIDATES, BM=64, BK=16) == {0}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
