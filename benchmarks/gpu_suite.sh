@@ -18,10 +18,10 @@ export PYTHONUNBUFFERED=1
 
 section() {  # section TITLE LOGNAME CMD...: run CMD, keep its whole log, show its tail
   # (TAIL lines, default 40)
-  local title=$1 name=$2; shift 2
+  local title=$1 name=$2 start=$SECONDS; shift 2
   echo; echo "## $title"; echo '```'
   "$@" >"$out/$name.log" 2>&1
-  echo "exit code: $?"
+  echo "exit code: $? ($((SECONDS - start)) s)"  # the seconds: what the next lease can budget
   # a crash (segfault) prints the test it died in under "Fatal Python error": show that first
   grep -A 25 "Fatal Python error" "$out/$name.log" | head -n 40
   tail -n "${TAIL:-40}" "$out/$name.log"
@@ -32,7 +32,7 @@ waited_section() {  # waited_section TITLE LOGNAME PID: a background job's secti
   local title=$1 name=$2 pid=$3
   echo; echo "## $title"; echo '```'
   wait "$pid"
-  echo "exit code: $?"
+  echo "exit code: $? (done $SECONDS s into the suite)"
   tail -n "${TAIL:-40}" "$out/$name.log"
   echo '```'
 }
