@@ -29,7 +29,8 @@ def product_bytes(product: str, nnz: int, batch: int, bm: int, bk: int, n_rows: 
         "nt"  y = x @ W^T   per block: x [batch, bk] + W's block per row tile; writes y
         "nn"  dx = dy @ W   per block: dy [batch, bm] + W's block per row tile; writes dx
         "sdd" dW = dy^T @ x per block: x [batch, bk], dy [batch, bm] per group; writes dW
-    """
+    (sdd's groups never span block rows: ceil(nnz / group) dy tiles slightly undercounts them
+    for group > 1)."""
     block = bm * bk
     tiles = -(-batch // block_r)
     if product == "nt":

@@ -82,7 +82,7 @@ def make_block_mask(n_br: int, n_bc: int, kind: str, generator: torch.Generator,
 
 
 def make_matrix(block_shape, kind: str, dtype=torch.float64, generator=None, grid=None,
-                shape=None) -> BlockSparseMatrix:
+                shape=None, density: float = 0.5) -> BlockSparseMatrix:
     """A BlockSparseMatrix with random N(0, 1) values (padding included) on a `kind` topology.
 
     shape defaults to the padded shape of the grid (no padding); with a logical shape the stored
@@ -93,7 +93,7 @@ def make_matrix(block_shape, kind: str, dtype=torch.float64, generator=None, gri
     if shape is not None:
         grid = (-(-shape[0] // bm), -(-shape[1] // bk))
     n_br, n_bc = grid or block_grid_for(block_shape)
-    mask = make_block_mask(n_br, n_bc, kind, generator)
+    mask = make_block_mask(n_br, n_bc, kind, generator, density)
     nnz = int(mask.sum())
     values = torch.randn(nnz, bm, bk, generator=generator, dtype=torch.float64).to(dtype)
     m = BlockSparseMatrix.from_block_mask(mask, (bm, bk), shape or (n_br * bm, n_bc * bk),

@@ -59,17 +59,23 @@ def _prune(configs, named_args, **kwargs):
         # mask read into registers), ahead tiles of each and 1 + ahead of W. TILES > 1 adds
         # the epilogue's scratch (a few KB more); within the 227 KB a block may have.
         ahead = (c.num_stages - 1) // 2
+        # the a tile's width and W's tile: per_step blocks side by side with K_STEP
+        width = max(bm, bk) if per_step == 1 else per_step * (bk if nt else bm)
+        w_tile = per_step * bm * bk
         if "GROUP" in c.kwargs:
             smem = c.num_stages * rows * (bm + group * bk) * elem
         elif arg("HAS_MASK", False):
-            smem = (ahead * 2 * rows * max(bm, bk) + (1 + ahead) * bm * bk) * elem
+            smem = (ahead * 2 * rows * width + (1 + ahead) * w_tile) * elem
         else:
-            smem = (1 + ahead) * (rows * max(bm, bk) + bm * bk) * elem
-        smem *= per_step  # tiles per_step blocks wide
+            smem = (1 + ahead) * (rows * width + w_tile) * elem
         return (rows * max(bm, bk) <= 128 * 128 and bm * group * bk <= 128 * 128
                 and smem <= 232448
                 # several row tiles' accumulators and prefetched 128-wide tiles spill registers
                 and (tiles == 1 or max(bm, bk) <= 64)
+                # so does conv's index math beside a 128 x 128 fp32 accumulator on 4 warps (128
+                # registers a thread; compiled: 255 and spilling): 8 warps only
+                and not (arg("IS_CONV", False) and "GROUP" not in c.kwargs
+                         and rows * max(bm, bk) >= 128 * 128 and c.num_warps < 8)
                 and (group == 1 or not arg("IS_CONV", False))
                 and (tiles == 1 or n_out is None or n_out >= 4 * tiles * c.kwargs["BLOCK_R"]))
 
@@ -124,6 +130,8 @@ def _configs(candidates):
 # fixes ACC_DTYPE.
 # nnz_log2 (stored blocks per line, log2): a sparsity gets its own tuning, not the first one's.
 _DDS_KEY = ["n_out", "C", "nnz_log2", "BM", "BK", "LINE_MAJOR", "IS_CONV", "PRECISION"]
+
+
 def _tuning_bench(kernel_call, quantiles):
     """The autotuner's timing of one candidate: the driver's do_bench (median) over 25 ms, not
     its default 100: every candidate of every new key (shape, density) is timed, on a GPU
@@ -132,10 +140,12 @@ def _tuning_bench(kernel_call, quantiles):
 
 
 # cache_results (triton >= 3.4): the timings go to Triton's cache dir, so a new process skips
-# the first call's tuning (~1 s of compiles per candidate, per kernel and shape)
-_TUNE = dict(prune_configs_by={"early_config_prune": _prune}, do_bench=_tuning_bench,
-             **({"cache_results": True} if "cache_results" in
-                inspect.signature(triton.autotune).parameters else {}))
+# the first call's tuning (~1 s of compiles per candidate, per kernel and shape). Both options
+# only where this triton's autotune takes them.
+_TUNE_OPTIONS = inspect.signature(triton.autotune).parameters
+_TUNE = dict(prune_configs_by={"early_config_prune": _prune},
+             **({"do_bench": _tuning_bench} if "do_bench" in _TUNE_OPTIONS else {}),
+             **({"cache_results": True} if "cache_results" in _TUNE_OPTIONS else {}))
 dds_nt = triton.autotune(_configs(_DDS_NT_CANDIDATES), key=_DDS_KEY,
                          **_TUNE)(kernels.dds_nt_kernel)
 dds_nn = triton.autotune(_configs(_DDS_NN_CANDIDATES), key=_DDS_KEY,
@@ -219,10 +229,12 @@ def _cache_entry(kernel, compiled, n_args: int):
             p.is_constexpr for p in fn.params[n_args:]):
         return None
     meta = {fn.arg_names[path[0]]: value for path, value in compiled.src.constants.items()}
+    defaults = {p.name: p.default for p in fn.params if p.has_default}  # what a config omits
     configs = [c for c in kernel.configs if c.pre_hook is None
                and c.num_warps == compiled.metadata.num_warps
                and c.num_stages == compiled.metadata.num_stages
-               and all(meta.get(k) == v for k, v in c.kwargs.items())]
+               and all(meta.get(k) == c.kwargs.get(k, defaults.get(k))
+                       for k in {**defaults, **c.kwargs} if k in meta)]
     if not configs:
         return None
     return compiled, meta, tuple(meta[name] for name in fn.arg_names[n_args:]), configs[0]
@@ -284,18 +296,18 @@ _L2_BYTES: dict = {}  # CUDA device index -> L2 cache bytes
 
 
 def _line_major(values: Tensor) -> bool:
-    """dds's program order (kernels._program_tile): line-major while W's blocks take at most a
-    quarter of the L2 (no CUDA device, e.g. the interpreter: an H100's 50 MB), so that they
-    stay there while the row tiles pass. (An LRU model of the L2 for 4096 / 8192-wide layers,
-    batch 4096, 64x64 blocks, 90% sparse: memory reads 38 -> 37 MB / 419 -> 81 MB; see
-    benchmarks/traffic_model.py.)"""
+    """dds's program order (kernels._program_tile): line-major while W's blocks take at most
+    5/4 of the L2 (no CUDA device, e.g. the interpreter: an H100's 50 MB). An LRU model of the
+    L2 (benchmarks/traffic_model.py; batch 4096, 64x64 blocks; memory reads tile-major ->
+    line-major): 8192² at 90% (W 0.26 L2) 419 -> 81 MB, at 70% (0.8) 574 -> 391, 16384² at
+    90% (1.02) 1769 -> 1064; 8192² at 50% (1.28) 606 -> 619, at 30% (1.8) 634 -> 837."""
     l2 = 50 << 20
     if values.device.type == "cuda":
         index = values.device.index
         l2 = _L2_BYTES.get(index)
         if l2 is None:
             l2 = _L2_BYTES[index] = torch.cuda.get_device_properties(values.device).L2_cache_size
-    return 4 * values.numel() * values.element_size() <= l2
+    return 4 * values.numel() * values.element_size() <= 5 * l2
 
 
 def _unit_stride(t: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ triton = pytest.importorskip("triton")
 import sparsekern  # noqa: E402
 from sparsekern import SparseLinear, backends, ops  # noqa: E402
 from sparsekern import triton as sk_triton  # noqa: E402
+from sparsekern.triton import kernels as sk_triton_kernels  # noqa: E402
 from conftest import (assert_close, make_matrix, matrix_dense, oracle_dds, oracle_sdd,  # noqa: E402
                       randn)
 from test_conv import check_bsr_conv2d  # noqa: E402
@@ -86,8 +87,8 @@ def test_linear_kernel_variants_match_oracle(block, kind, variant, gen):
         check_linear_products(block, kind, torch.float64, gen)
 
 
-def check_linear_products(block, kind, dtype, gen):
-    m = make_matrix(block, kind, dtype, gen, grid=(3, 3))
+def check_linear_products(block, kind, dtype, gen, grid=(3, 3), density=0.5):
+    m = make_matrix(block, kind, dtype, gen, grid=grid, density=density)
     Mp, Kp = m.padded_shape
     topo = [t.to(DEVICE) for t in m.topology()]
     values = m.values.to(DEVICE)
@@ -107,14 +108,89 @@ def check_linear_products(block, kind, dtype, gen):
 @pytest.mark.parametrize("line_major", [True, False], ids=["line-major", "tile-major"])
 def test_program_orders_match_oracle(line_major, gen, backend_spy, monkeypatch):
     """dds's programs (one 1D grid of row tiles x lines) in either order (ops._line_major: by
-    W's size against the L2), with several row tiles and lines: linear, with TILES row tiles
-    per program, and a strided conv."""
+    W's size against the L2), with row tiles and lines in unequal numbers: linear (3 row tiles
+    x 2 block rows for x @ W^T, x 7 block columns for dy @ W), with TILES row tiles per
+    program, and a strided conv (2 x 3 and 4 x 2)."""
     monkeypatch.setattr(sk_triton._ops(), "_line_major", lambda values: line_major)
-    check_linear_products((16, 16), "sparse", torch.float64, gen)
+    check_linear_products((16, 16), "random", torch.float64, gen, grid=(2, 7))
     with pinned_variant(VARIANTS[0]):
-        check_linear_products((16, 32), "sparse", torch.float64, gen)
-        check_bsr_conv2d(CONV_CASES[1], "triton", torch.float32, gen, spy=backend_spy,
-                         device=DEVICE)
+        check_linear_products((16, 32), "random", torch.float64, gen, grid=(2, 7))
+        check_bsr_conv2d((2, 32, 48, 6, 5, 3, 2, 1, 1, (16, 16), "sparse"), "triton",
+                         torch.float32, gen, spy=backend_spy, device=DEVICE)
+
+
+@triton.jit
+def _program_tile_probe(tiles_ptr, lines_ptr, n_tiles, LINE_MAJOR: triton.language.constexpr):
+    tile, line = sk_triton_kernels._program_tile(n_tiles, LINE_MAJOR)
+    pid = triton.language.program_id(0)
+    triton.language.store(tiles_ptr + pid, tile)
+    triton.language.store(lines_ptr + pid, line)
+
+
+@pytest.mark.parametrize("line_major", [True, False], ids=["line-major", "tile-major"])
+def test_program_tile_orders(line_major):
+    """The order itself: line-major runs a row tile's lines one after the other, tile-major a
+    line's row tiles (both visit every program once, so the products alone cannot tell)."""
+    n_tiles, n_lines = 3, 5
+    tiles = torch.full((n_tiles * n_lines,), -1, dtype=torch.int32, device=DEVICE)
+    lines = torch.full_like(tiles, -1)
+    _program_tile_probe[(n_tiles * n_lines,)](tiles, lines, n_tiles, LINE_MAJOR=line_major)
+    pid = torch.arange(n_tiles * n_lines, dtype=torch.int32)
+    if line_major:
+        expected = (pid // n_lines, pid % n_lines)
+    else:
+        expected = (pid % n_tiles, pid // n_tiles)
+    assert torch.equal(tiles.cpu(), expected[0]) and torch.equal(lines.cpu(), expected[1])
+
+
+def test_line_major_while_w_fits_the_l2():
+    """ops._line_major: W up to 5/4 of the L2 (50 MB without a CUDA device), by its bytes."""
+    tops = sk_triton._ops()
+    limit = 5 * (50 << 20) // 4
+    for dtype in (torch.bfloat16, torch.float32):
+        n = limit // dtype.itemsize
+        assert tops._line_major(torch.empty(n, dtype=dtype, device="meta"))
+        assert not tops._line_major(torch.empty(n + 1, dtype=dtype, device="meta"))
+
+
+@pytest.mark.parametrize("block", [(16, 16), (16, 32), (32, 16)])
+@pytest.mark.parametrize("swap", [False, True])
+def test_k_step_on_wide_block_rows(block, swap, gen):
+    """K_STEP: several blocks per step on rows and columns of up to 9 stored blocks (a short
+    last step, an empty block row and column), x @ W^T, dy @ W and the fused ReLU's masked
+    dy @ W, against the oracle."""
+    Config = triton.Config
+    for k_step in (32, 64):
+        with sk_triton._ops().pinned_configs(
+                dds_nt=Config({"BLOCK_R": 16, "TILES": 1, "SWAP": swap, "K_STEP": k_step}),
+                dds_nn=Config({"BLOCK_R": 16, "SWAP": swap, "K_STEP": k_step})):
+            check_linear_products(block, "sparse", torch.float64, gen, grid=(5, 9),
+                                  density=0.7)
+            check_fused_relu_linear(gen)
+
+
+def test_direct_launch_cache_names_the_config_that_ran():
+    """A compiled kernel's config is found by its constexprs, a config's omitted ones taken at
+    the kernel's defaults: a K_STEP=64 kernel is not reported as its plain twin (the report's
+    "configs the autotuner chose" would never show K_STEP)."""
+    import types
+    tops = sk_triton._ops()
+    fn = tops.dds_nt.fn  # the interpreter's stand-in has no params: the JITFunction's own
+    fn = fn if hasattr(fn, "params") else triton.runtime.jit.JITFunction(fn.fn)
+    plain = triton.Config({"BLOCK_R": 128, "TILES": 1, "SWAP": False}, num_warps=4,
+                          num_stages=3)
+    k_step = triton.Config({**plain.kwargs, "K_STEP": 64}, num_warps=4, num_stages=3)
+    kernel = types.SimpleNamespace(fn=fn, configs=[plain, k_step])
+    n_args = next(i for i, p in enumerate(fn.params) if p.is_constexpr)
+    others = dict(BM=32, BK=32, LINE_MAJOR=True, IS_CONV=False, ACC_DTYPE=None,
+                  PRECISION="ieee", UPCAST=False, HAS_BIAS=False, RELU=False)
+    for config in (plain, k_step):
+        values = {**others, **config.kwargs, "K_STEP": config.kwargs.get("K_STEP", 0)}
+        compiled = types.SimpleNamespace(
+            src=types.SimpleNamespace(constants={(fn.arg_names.index(k),): v
+                                                 for k, v in values.items()}),
+            metadata=types.SimpleNamespace(num_warps=4, num_stages=3))
+        assert tops._cache_entry(kernel, compiled, n_args)[3] is config
 
 
 @pytest.mark.parametrize("group", [1, 2, 4])
@@ -180,6 +256,15 @@ def test_autotuning_prunes_what_cannot_pay_off():
     assert k_steps(tops._DDS_NT_CANDIDATES, BM=16, BK=16, IS_CONV=True) == {0}
     assert k_steps(tops._DDS_NN_CANDIDATES, BM=32, BK=64, IS_CONV=True) == {0, 64}
     assert k_steps(tops._DDS_NN_CANDIDATES, BM=64, BK=16) == {0}
+    # conv beside a 128 x 128 accumulator: 8 warps (4 spill); linear keeps 4
+    def warps(candidates, **args):
+        named = {"a_ptr": torch.empty(0, dtype=torch.bfloat16)}
+        return {c.num_warps for c in tops._prune(tops.candidate_configs(candidates), named,
+                                                 n_out=4096, **args)
+                if c.kwargs["BLOCK_R"] == 128}
+    assert warps(tops._DDS_NN_CANDIDATES, BM=128, BK=128, IS_CONV=True) == {8}
+    assert warps(tops._DDS_NT_CANDIDATES, BM=128, BK=128, IS_CONV=True) == {8}
+    assert warps(tops._DDS_NN_CANDIDATES, BM=128, BK=128) == {4, 8}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
