@@ -230,6 +230,28 @@ def variant_sweep(n=4096, batch=4096, cases=((64, 0.9), (32, 0.9))) -> list[dict
     return rows
 
 
+def program_orders(n=8192, batch=4096, blk=64, sparsity=0.9, timer=None, device=None
+                   ) -> list[dict]:
+    """x @ W^T and dy @ W, autotuned, with dds's programs tile-major and line-major
+    (ops._line_major forced), graph replays: the L2 model's prediction to check
+    (traffic_model.py: memory reads 419 -> 81 MB at 8192², batch 4096, 64x64, 90%)."""
+    from sparsekern.triton import ops as tops
+
+    timer = timer or graph_ms
+    products = sweep_products(*linear_operands(n, batch, blk, sparsity, device))
+    rows, chosen = [], tops._line_major
+    try:
+        for line_major in (False, True):
+            tops._line_major = lambda values, flag=line_major: flag
+            for kernel in ("dds_nt", "dds_nn"):
+                rows.append({"kernel": kernel, "shape": f"{n}x{n} b{batch}", "block": blk,
+                             "sparsity": sparsity, "line_major": line_major,
+                             "ms": timer(products[kernel])})
+    finally:
+        tops._line_major = chosen
+    return rows
+
+
 def conv_case(name, c_in, c_out, hw, batch, blk, sparsity):
     layer = conv_layer(c_in, c_out, blk, sparsity)
     dense = layer.to_dense().to(DEVICE, DTYPE)
@@ -286,6 +308,9 @@ def main(argv=None):
     cases, sweep_cases = benchmark_cases(args.quick)
     sweep = variant_sweep(cases=sweep_cases)
     write_json(args.json.replace(".json", "_variants.json"), info, sweep)
+    orders = program_orders()
+    print(orders, flush=True)
+    write_json(args.json.replace(".json", "_orders.json"), info, orders)
     try:
         profile = host_profile()
     except Exception:  # noqa: BLE001 - the cases below matter more than the profile
@@ -303,7 +328,7 @@ def main(argv=None):
         rows.append(with_ratios(row))
         print(row, flush=True)
         write_json(args.json, info, rows)
-    print_report(sweep, rows, profile)
+    print_report(sweep, rows, profile, orders)
 
 
 def with_ratios(row: dict) -> dict:
@@ -316,8 +341,13 @@ def with_ratios(row: dict) -> dict:
     return row
 
 
-def print_report(sweep: list[dict], rows: list[dict], profile: str = "") -> None:
+def print_report(sweep: list[dict], rows: list[dict], profile: str = "",
+                 orders: list[dict] = ()) -> None:
     print("\n" + profile)
+    print("\ndds program orders (graph replays; ops._line_major forced):")
+    print_table(list(orders), [("kernel", "kernel", "s"), ("shape", "shape", "s"),
+                               ("block", "block", "d"), ("sparsity", "sparsity", ".2f"),
+                               ("line_major", "line-major", "d"), ("ms", "ms", ".4f")])
     print("\nvariant sweep (each autotuning candidate pinned; graph replays):")
     print_table(sweep, [("kernel", "kernel", "s"), ("block", "block", "d"),
                         ("sparsity", "sparsity", ".2f"), ("config", "config", "s"),

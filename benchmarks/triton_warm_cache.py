@@ -64,6 +64,8 @@ def replays(quick: bool, tiny: bool = False):
 
     for blk, sparsity in sweep_cases:
         yield f"variant sweep {blk}x{blk} {sparsity:.0%}", lambda b=blk, s=sparsity: sweep(b, s)
+    if not tiny:
+        yield "program orders", lambda: bench.program_orders(timer=lambda fn: fn(), device="cpu")
     for kind, params in cases:
         yield f"{kind} {params}", lambda k=kind, p=params: (linear if k == "linear" else conv)(*p)
 
@@ -78,9 +80,10 @@ def worker(index: int, count: int, quick: bool, tiny: bool) -> int:
     for tuner in (tops.dds_nt, tops.dds_nn, tops.sdd_k):
         tuner.cache_results = False  # the compile-only driver's timings are no timings
         tuner.configs = tuner.configs[index::count] or tuner.configs[:1]
-    if torch.cuda.is_available():  # split sdd's reduction as it will be on this GPU
-        splits = tops._sdd_splits
+    if torch.cuda.is_available():  # split sdd's reduction, order dds's programs as on this GPU
+        splits, l2_bytes = tops._sdd_splits, tops._l2_bytes
         tops._sdd_splits = lambda nnz, rows, device: splits(nnz, rows, torch.device("cuda"))
+        tops._l2_bytes = lambda device: l2_bytes(torch.device("cuda", 0))
     failed = 0
     for name, replay in replays(quick, tiny):
         start = time.time()

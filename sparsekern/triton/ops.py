@@ -295,19 +295,24 @@ def _nnz_log2(nnz: int, lines: int) -> int:
 _L2_BYTES: dict = {}  # CUDA device index -> L2 cache bytes
 
 
+def _l2_bytes(device: torch.device) -> int:
+    """The device's L2 cache size; an H100's 50 MB where there is no CUDA device to ask (the
+    interpreter, or compiling ahead on a CPU)."""
+    if device.type != "cuda":
+        return 50 << 20
+    size = _L2_BYTES.get(device.index)
+    if size is None:
+        size = _L2_BYTES[device.index] = torch.cuda.get_device_properties(device).L2_cache_size
+    return size
+
+
 def _line_major(values: Tensor) -> bool:
     """dds's program order (kernels._program_tile): line-major while W's blocks take at most
-    5/4 of the L2 (no CUDA device, e.g. the interpreter: an H100's 50 MB). An LRU model of the
+    5/4 of the L2. An LRU model of the
     L2 (benchmarks/traffic_model.py; batch 4096, 64x64 blocks; memory reads tile-major ->
     line-major): 8192² at 90% (W 0.26 L2) 419 -> 81 MB, at 70% (0.8) 574 -> 391, 16384² at
     90% (1.02) 1769 -> 1064; 8192² at 50% (1.28) 606 -> 619, at 30% (1.8) 634 -> 837."""
-    l2 = 50 << 20
-    if values.device.type == "cuda":
-        index = values.device.index
-        l2 = _L2_BYTES.get(index)
-        if l2 is None:
-            l2 = _L2_BYTES[index] = torch.cuda.get_device_properties(values.device).L2_cache_size
-    return 4 * values.numel() * values.element_size() <= 5 * l2
+    return 4 * values.numel() * values.element_size() <= 5 * _l2_bytes(values.device)
 
 
 def _unit_stride(t: Tensor) -> Tensor:

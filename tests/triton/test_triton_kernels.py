@@ -512,7 +512,12 @@ def test_bench_triton_gpu_smoke(monkeypatch):
     assert all(r["rel_err"] < 2e-2 for r in sweep)
     profile = bench.host_profile(n=64, batch=20, blk=16, calls=2, top=5)
     assert profile.startswith("host profile") and "tottime" in profile
-    bench.print_report(sweep, [bench.with_ratios(row)], profile)
+    chosen = tops._line_major
+    orders = bench.program_orders(n=64, batch=20, blk=16, sparsity=0.5)
+    assert [(r["kernel"], r["line_major"]) for r in orders] == [
+        ("dds_nt", False), ("dds_nn", False), ("dds_nt", True), ("dds_nn", True)]
+    assert tops._line_major is chosen  # the forced order undone
+    bench.print_report(sweep, [bench.with_ratios(row)], profile, orders)
 
 
 def _run_compiled(*args: str, **env: str) -> str:
