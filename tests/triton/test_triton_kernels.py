@@ -518,6 +518,13 @@ def test_bench_triton_gpu_smoke(monkeypatch):
         ("dds_nt", False), ("dds_nn", False), ("dds_nt", True), ("dds_nn", True)]
     assert tops._line_major is chosen  # the forced order undone
     bench.print_report(sweep, [bench.with_ratios(row)], profile, orders)
+    # the targets' lines: measured, met or missed, or not measured
+    target = {"kind": "linear", "shape": "4096x4096 b4096", "block": 64, "sparsity": 0.9,
+              "x_dense_fwd": 6.5, "x_dense_fb": 0.8, "x_bsr_mm_fwd": 2.0}
+    lines = bench.target_lines([target, {**target, "block": 128, "x_bsr_mm_fwd": 1.2}])
+    assert lines[0].endswith("6.50x, met") and lines[1].endswith("not measured")
+    assert lines[2].endswith("0.80x, missed") and lines[3].endswith("1.20x at worst over 2 "
+                                                                    "rows, missed")
 
 
 def _run_compiled(*args: str, **env: str) -> str:
