@@ -73,9 +73,10 @@ def _prune(configs, named_args, **kwargs):
                 # several row tiles' accumulators and prefetched 128-wide tiles spill registers
                 and (tiles == 1 or max(bm, bk) <= 64)
                 # so does conv's index math beside a 128 x 128 fp32 accumulator on 4 warps (128
-                # registers a thread; compiled: 255 and spilling): 8 warps only
+                # registers a thread; compiled: 255, dds_nn spilling): 8 warps only. The
+                # accumulator is BLOCK_R x BM for dds_nt, BLOCK_R x BK for dds_nn.
                 and not (arg("IS_CONV", False) and "GROUP" not in c.kwargs
-                         and rows * max(bm, bk) >= 128 * 128 and c.num_warps < 8)
+                         and rows * (bm if nt else bk) >= 128 * 128 and c.num_warps < 8)
                 and (group == 1 or not arg("IS_CONV", False))
                 and (tiles == 1 or n_out is None or n_out >= 4 * tiles * c.kwargs["BLOCK_R"]))
 

@@ -265,6 +265,9 @@ def test_autotuning_prunes_what_cannot_pay_off():
     assert warps(tops._DDS_NN_CANDIDATES, BM=128, BK=128, IS_CONV=True) == {8}
     assert warps(tops._DDS_NT_CANDIDATES, BM=128, BK=128, IS_CONV=True) == {8}
     assert warps(tops._DDS_NN_CANDIDATES, BM=128, BK=128) == {4, 8}
+    # the accumulator's width is BM for dds_nt, BK for dds_nn: 128 x 32 ones keep 4 warps
+    assert warps(tops._DDS_NT_CANDIDATES, BM=32, BK=128, IS_CONV=True) == {4, 8}
+    assert warps(tops._DDS_NN_CANDIDATES, BM=128, BK=32, IS_CONV=True) == {4, 8}
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -512,19 +515,28 @@ def test_bench_triton_gpu_smoke(monkeypatch):
     assert all(r["rel_err"] < 2e-2 for r in sweep)
     profile = bench.host_profile(n=64, batch=20, blk=16, calls=2, top=5)
     assert profile.startswith("host profile") and "tottime" in profile
-    chosen = tops._line_major
+    chosen, launch, launched = tops._line_major, tops._launch, []
+
+    def spy(kernel, grid, *args, **kwargs):  # the order the launches were given
+        launched.append(kwargs.get("LINE_MAJOR"))
+        launch(kernel, grid, *args, **kwargs)
+    monkeypatch.setattr(tops, "_launch", spy)
     orders = bench.program_orders(n=64, batch=20, blk=16, sparsity=0.5)
     assert [(r["kernel"], r["line_major"]) for r in orders] == [
         ("dds_nt", False), ("dds_nn", False), ("dds_nt", True), ("dds_nn", True)]
-    assert tops._line_major is chosen  # the forced order undone
+    assert set(launched) == {False, True} and launched.index(True) > len(launched) - 1 - \
+        launched[::-1].index(False)  # every tile-major launch before the first line-major one
+    assert tops._line_major is chosen and all("config" in r for r in orders)
     bench.print_report(sweep, [bench.with_ratios(row)], profile, orders)
     # the targets' lines: measured, met or missed, or not measured
     target = {"kind": "linear", "shape": "4096x4096 b4096", "block": 64, "sparsity": 0.9,
               "x_dense_fwd": 6.5, "x_dense_fb": 0.8, "x_bsr_mm_fwd": 2.0}
-    lines = bench.target_lines([target, {**target, "block": 128, "x_bsr_mm_fwd": 1.2}])
+    lines = bench.target_lines([target, {**target, "block": 128, "x_bsr_mm_fwd": 1.2},
+                                {**target, "block": 32, "x_dense_fwd": float("nan")},
+                                {"kind": "linear", "shape": "s", "block": 16, "sparsity": 0.5}])
     assert lines[0].endswith("6.50x, met") and lines[1].endswith("not measured")
-    assert lines[2].endswith("0.80x, missed") and lines[3].endswith("1.20x at worst over 2 "
-                                                                    "rows, missed")
+    assert lines[2].endswith("0.80x, missed")
+    assert lines[3].endswith("1.20x at worst (4096x4096 b4096, 128x128, 90%) over 3 rows, missed")
 
 
 def _run_compiled(*args: str, **env: str) -> str:
