@@ -128,6 +128,7 @@ def dds_nt_kernel(a_ptr, values_ptr, row_offsets_ptr, col_idx_ptr, out_ptr, bias
     if TILES == 1:  # one tile: its rows' pixel coordinates serve every block
         nh1, h01, w01, ok1 = _conv_row_coords(first + tl.arange(0, BLOCK_R), n_out, P, Q, H, sh,
                                               sw, ph, pw, IS_CONV)
+    # K_STEP's loop is its own: the one-block loop below keeps the code the H100 measured
     if KG > 1:
         tl.static_assert(TILES == 1, "K_STEP > BK takes one row tile per program")
         offs_g = tl.arange(0, KG * BK)  # the step's columns, block after block

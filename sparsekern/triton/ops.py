@@ -30,12 +30,12 @@ from sparsekern.triton import interpreting, kernels
 
 def _prune(configs, named_args, **kwargs):
     """Drop candidates that cannot pay off for this shape: K_STEP where it groups one block (or
-    dds_nt's conv), an fp32 accumulator of BLOCK_R x 128
-    with BLOCK_R = 256 (or BM x GROUP*BK past 128 x 128) does not fit in registers, nor some
-    fp32 pipelines (sdd groups, dds prefetching two tiles ahead) in shared memory; TILES row
-    tiles per program need that many tiles to share out (n_out rows), or programs would idle,
-    and 64-wide blocks at most (128-wide ones spill); sdd's GROUP gathers x per column, which
-    for conv means per-column source rows."""
+    dds_nt's conv), an fp32 accumulator of BLOCK_R x 128 with BLOCK_R = 256 (or BM x GROUP*BK
+    past 128 x 128) does not fit in registers, nor some fp32 pipelines (sdd groups, dds
+    prefetching two tiles ahead) in shared memory; TILES row tiles per program need that many
+    tiles to share out (n_out rows), or programs would idle, and 64-wide blocks at most
+    (128-wide ones spill); sdd's GROUP gathers x per column, which for conv means per-column
+    source rows."""
     def arg(name, default=16):
         return kwargs.get(name, named_args.get(name, default))
 
@@ -290,7 +290,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _nnz_log2(nnz: int, lines: int) -> int:
     """The autotuning key's density: bit length of the mean stored blocks per line."""
-    return (-(-nnz // max(lines, 1))).bit_length()
+    return _cdiv(nnz, max(lines, 1)).bit_length()
 
 
 _L2_BYTES: dict = {}  # CUDA device index -> L2 cache bytes
@@ -308,11 +308,11 @@ def _l2_bytes(device: torch.device) -> int:
 
 
 def _line_major(values: Tensor) -> bool:
-    """dds's program order (kernels._program_tile): line-major while W's blocks take at most
-    5/4 of the L2. An LRU model of the
-    L2 (benchmarks/traffic_model.py; batch 4096, 64x64 blocks; memory reads tile-major ->
-    line-major): 8192² at 90% (W 0.26 L2) 419 -> 81 MB, at 70% (0.8) 574 -> 391, 16384² at
-    90% (1.02) 1769 -> 1064; 8192² at 50% (1.28) 606 -> 619, at 30% (1.8) 634 -> 837."""
+    """dds's program order (kernels._program_tile): line-major while W's blocks take at most 5/4
+    of the L2. An LRU model of the L2 (benchmarks/traffic_model.py; batch 4096, 64x64 blocks;
+    memory reads tile-major -> line-major): 8192² at 90% (W 0.26 L2) 419 -> 81 MB, at 70% (0.8)
+    574 -> 391, 16384² at 90% (1.02) 1769 -> 1064; 8192² at 50% (1.28) 606 -> 619, at 30% (1.8)
+    634 -> 837."""
     return 4 * values.numel() * values.element_size() <= 5 * _l2_bytes(values.device)
 
 
@@ -365,7 +365,7 @@ def _sdd_splits(nnz: int, n_rows_total: int, device: torch.device) -> int:
     if nnz == 0 or device.type != "cuda":
         return 1
     programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(-(-programs // nnz), n_rows_total // 512))
+    return max(1, min(_cdiv(programs, nnz), n_rows_total // 512))
 
 
 def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, row_idx: Tensor, col_idx: Tensor, bm: int,
@@ -378,7 +378,7 @@ def sdd(a: Tensor, b: Tensor, row_offsets: Tensor, row_idx: Tensor, col_idx: Ten
     # the reduction: batch rows (linear) or image rows n*P + p (conv), split when blocks are few
     n_total = conv[0] * P if conv else a.shape[0]
     splits = min(_sdd_splits(nnz, a.shape[0], a.device), max(n_total, 1))
-    per_split = -(-n_total // splits) if n_total else 0
+    per_split = _cdiv(n_total, splits) if n_total else 0
     # one split: the kernel stores the blocks in a's dtype; several: fp32 partials, summed here
     acc_dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     out = torch.empty(splits, nnz, bm, bk, dtype=a.dtype if splits == 1 else acc_dtype,
