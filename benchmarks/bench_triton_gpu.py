@@ -65,11 +65,37 @@ def linear_operands(n, batch, blk, sparsity, device=None):
     return w, torch.randn(batch, n, device=device or DEVICE, dtype=DTYPE)
 
 
-def conv_layer(c_in, c_out, blk, sparsity, device=None):
+def conv_layer(c_in, c_out, blk, sparsity, device=None, stride=1):
     """The 3x3 SparseConv2d of a conv case, seeded (as linear_operands)."""
     torch.manual_seed(0)
-    return sparsekern.SparseConv2d(c_in, c_out, 3, padding=1, bias=False, block_size=(blk, blk),
-                                   density=1 - sparsity).to(device or DEVICE, DTYPE)
+    return sparsekern.SparseConv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False,
+                                   block_size=(blk, blk), density=1 - sparsity).to(
+        device or DEVICE, DTYPE)
+
+
+def cifar_conv_layers(models=("vgg-like", "resnet20")) -> list[tuple]:
+    """(name, c_in, c_out, input size, stride) of each distinct 3x3 conv of the CIFAR models
+    that the Triton backend can take (input channels a multiple of 16; the 3-channel first conv
+    stays dense in the models' sparse builds), read off a forward pass of each model."""
+    from sparsekern.models import build_model
+
+    layers = {}
+    for name in models:
+        model = build_model(name)
+        seen = []
+        hooks = [m.register_forward_hook(lambda m, inputs, out: seen.append((m, inputs[0])))
+                 for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *model.input_shape))
+        for hook in hooks:
+            hook.remove()
+        for m, x in seen:
+            geometry = (m.in_channels, m.out_channels, x.shape[-1], m.stride[0])
+            if m.kernel_size == (3, 3) and m.in_channels % 16 == 0 and geometry not in layers:
+                c_in, c_out, hw, stride = geometry
+                layers[geometry] = (f"{name.split('-')[0]} {c_in}->{c_out} {hw}x{hw}"
+                                    + (f" s{stride}" if stride > 1 else ""), *geometry)
+    return list(layers.values())
 
 
 def linear_case(n, batch, blk, sparsity):
@@ -254,8 +280,8 @@ def program_orders(n=8192, batch=4096, blk=64, sparsity=0.9, timer=None, device=
     return rows
 
 
-def conv_case(name, c_in, c_out, hw, batch, blk, sparsity):
-    layer = conv_layer(c_in, c_out, blk, sparsity)
+def conv_case(name, c_in, c_out, hw, batch, blk, sparsity, stride=1):
+    layer = conv_layer(c_in, c_out, blk, sparsity, stride=stride)
     dense = layer.to_dense().to(DEVICE, DTYPE)
     x = torch.randn(batch, c_in, hw, hw, device=DEVICE, dtype=DTYPE).to(
         memory_format=torch.channels_last)
@@ -289,11 +315,16 @@ def benchmark_cases(quick: bool):
     batches = (4096, 256)
     blocks = (64, 32) if quick else (64, 32, 128)
     sparsities = (0.9, 0.99) if quick else (0.5, 0.75, 0.9, 0.95, 0.99)
-    conv_sparsities = (0.9,) if quick else (0.5, 0.9)
     cases = [("linear", (n, b, blk, s)) for n in sizes for b in batches for blk in blocks
              for s in sparsities]
-    cases += [("conv", ("vgg 128->128 16x16", 128, 128, 16, 128, 32, s)) for s in conv_sparsities]
-    cases += [("conv", ("vgg 256->256 8x8", 256, 256, 8, 128, 64, s)) for s in conv_sparsities]
+    # conv: two VGG layers (--quick), or every conv layer of the CIFAR models (32x32 blocks,
+    # 16x16 where a layer has 16 channels), and the 256-channel one in 64x64 blocks as well
+    convs = [("vgg 128->128 16x16", 128, 128, 16, 1, 32), ("vgg 256->256 8x8", 256, 256, 8, 1, 64)]
+    if not quick:
+        convs = [(*layer, min(32, layer[1], layer[2])) for layer in cifar_conv_layers()] + convs[1:]
+    for s in (0.9,) if quick else (0.5, 0.9):
+        cases += [("conv", (name, c_in, c_out, hw, 128, blk, s, stride))
+                  for name, c_in, c_out, hw, stride, blk in convs]
     return cases, ((64, 0.9), (32, 0.9))  # 32x32: the K_STEP variants
 
 

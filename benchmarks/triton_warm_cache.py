@@ -31,7 +31,7 @@ def replays(quick: bool, tiny: bool = False):
 
     cases, sweep_cases = bench.benchmark_cases(quick)
     if tiny:
-        cases = [("linear", (64, 32, 16, 0.5)), ("conv", ("tiny", 32, 32, 4, 2, 16, 0.5))]
+        cases = [("linear", (64, 32, 16, 0.5)), ("conv", ("tiny", 32, 32, 4, 2, 16, 0.5, 2))]
         sweep_cases = ((16, 0.5),)
     n_sweep = 64 if tiny else 4096
 
@@ -54,8 +54,8 @@ def replays(quick: bool, tiny: bool = False):
         y = sparsekern.bsr_linear(x, w.with_values(values), backend="triton")
         torch.autograd.grad(y, (x, values), torch.randn_like(y))
 
-    def conv(name, c_in, c_out, hw, batch, blk, sparsity):
-        layer = bench.conv_layer(c_in, c_out, blk, sparsity, "cpu")
+    def conv(name, c_in, c_out, hw, batch, blk, sparsity, stride):
+        layer = bench.conv_layer(c_in, c_out, blk, sparsity, "cpu", stride)
         x = torch.randn(batch, c_in, hw, hw, dtype=bench.DTYPE).to(
             memory_format=torch.channels_last)
         with sparsekern.backend("triton"):

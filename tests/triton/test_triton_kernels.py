@@ -507,6 +507,8 @@ def test_bench_triton_gpu_smoke(monkeypatch):
     assert row["rel_err"] < 2e-2 and row["x_nt"] == 1.0 and set(row["configs"]) == {
         "dds_nt", "dds_nn", "sdd"}
     assert all(row[f"{p}_tbs"] > 0 for p in ("nt", "nn", "sdd"))
+    conv = bench.conv_case("tiny s2", 32, 32, 4, 2, 16, 0.5, 2)  # a ResNet downsampling conv
+    assert conv["rel_err"] < 2e-2 and conv["shape"] == "tiny s2 b2"
     sweep = bench.variant_sweep(n=64, batch=20, cases=((16, 0.5),))
     tops = sk_triton._ops()
     assert len(sweep) == len(tops._DDS_NT_CANDIDATES) + len(tops._DDS_NN_CANDIDATES) + len(
@@ -537,6 +539,27 @@ def test_bench_triton_gpu_smoke(monkeypatch):
     assert lines[0].endswith("6.50x, met") and lines[1].endswith("not measured")
     assert lines[2].endswith("0.80x, missed")
     assert lines[3].endswith("1.20x at worst (4096x4096 b4096, 128x128, 90%) over 3 rows, missed")
+
+
+def test_bench_triton_gpu_covers_the_cifar_conv_layers():
+    """The suite's full matrix times every distinct conv layer of the CIFAR models the backend
+    takes (the issue's "conv layers of the CIFAR models"), read off the models themselves:
+    VGG-like's five sparse convs and ResNet-20's five, its two downsampling ones at stride 2."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+    import bench_triton_gpu as bench
+
+    layers = bench.cifar_conv_layers()
+    assert [layer[1:] for layer in layers] == [
+        (64, 64, 32, 1), (64, 128, 16, 1), (128, 128, 16, 1), (128, 256, 8, 1), (256, 256, 8, 1),
+        (16, 16, 32, 1), (16, 32, 32, 2), (32, 32, 16, 1), (32, 64, 16, 2), (64, 64, 8, 1)]
+    full, _ = bench.benchmark_cases(quick=False)
+    convs = {params[1:] for kind, params in full if kind == "conv"}
+    for _, c_in, c_out, hw, stride in layers:
+        blk = min(32, c_in, c_out)
+        assert {(c_in, c_out, hw, 128, blk, s, stride) for s in (0.5, 0.9)} <= convs
+    quick, _ = bench.benchmark_cases(quick=True)
+    assert [p[0] for k, p in quick if k == "conv"] == ["vgg 128->128 16x16", "vgg 256->256 8x8"]
 
 
 def _run_compiled(*args: str, **env: str) -> str:
