@@ -293,18 +293,23 @@ def _nnz_log2(nnz: int, lines: int) -> int:
     return _cdiv(nnz, max(lines, 1)).bit_length()
 
 
-_L2_BYTES: dict = {}  # CUDA device index -> L2 cache bytes
+_DEVICE_PROPERTIES: dict = {}  # (CUDA device index, property name) -> value: asked once
+
+
+def _device_property(device: torch.device, name: str) -> int:
+    """A property of a CUDA device (torch.cuda.get_device_properties: a few us a call, and the
+    launchers ask on every call)."""
+    key = (device.index if device.index is not None else torch.cuda.current_device(), name)
+    value = _DEVICE_PROPERTIES.get(key)
+    if value is None:
+        value = _DEVICE_PROPERTIES[key] = getattr(torch.cuda.get_device_properties(key[0]), name)
+    return value
 
 
 def _l2_bytes(device: torch.device) -> int:
     """The device's L2 cache size; an H100's 50 MB where there is no CUDA device to ask (the
     interpreter, or compiling ahead on a CPU)."""
-    if device.type != "cuda":
-        return 50 << 20
-    size = _L2_BYTES.get(device.index)
-    if size is None:
-        size = _L2_BYTES[device.index] = torch.cuda.get_device_properties(device).L2_cache_size
-    return size
+    return _device_property(device, "L2_cache_size") if device.type == "cuda" else 50 << 20
 
 
 def _line_major(values: Tensor) -> bool:
@@ -364,7 +369,7 @@ def _sdd_splits(nnz: int, n_rows_total: int, device: torch.device) -> int:
     """Split the reduction over rows when there are too few blocks to fill the GPU."""
     if nnz == 0 or device.type != "cuda":
         return 1
-    programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    programs = 4 * _device_property(device, "multi_processor_count")
     return max(1, min(_cdiv(programs, nnz), n_rows_total // 512))
 
 

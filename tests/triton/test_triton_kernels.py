@@ -153,6 +153,30 @@ def test_line_major_while_w_fits_the_l2():
         assert not tops._line_major(torch.empty(n + 1, dtype=dtype, device="meta"))
 
 
+def test_cuda_device_properties_asked_once(monkeypatch):
+    """The launchers' L2 size (program order) and SM count (sdd's split) come from the device
+    once per device, not from torch.cuda.get_device_properties on every call."""
+    import types
+    tops = sk_triton._ops()
+    asked = []
+
+    def properties(index):
+        asked.append(index)
+        return types.SimpleNamespace(L2_cache_size=(40 + index) << 20,
+                                     multi_processor_count=100 + index)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", properties)
+    monkeypatch.setattr(tops, "_DEVICE_PROPERTIES", {})
+    for _ in range(3):
+        for index in (0, 1):
+            cuda = torch.device("cuda", index)
+            assert tops._l2_bytes(cuda) == (40 + index) << 20
+            # 4 programs per SM over 10 blocks, at most one split per 512 rows
+            assert tops._sdd_splits(10, 1 << 20, cuda) == -(-4 * (100 + index) // 10)
+            assert tops._sdd_splits(10, 1024, cuda) == 2
+    assert sorted(asked) == [0, 0, 1, 1]  # one ask per (device, property)
+    assert tops._l2_bytes(torch.device("cpu")) == 50 << 20
+
+
 @pytest.mark.parametrize("block", [(16, 16), (16, 32), (32, 16)])
 @pytest.mark.parametrize("swap", [False, True])
 def test_k_step_on_wide_block_rows(block, swap, gen):
