@@ -249,7 +249,14 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     Arguments: the tensors first, then the ints, positionally; the constexprs (all of them) by
     keyword."""
     if torch.compiler.is_compiling():
-        wrap_triton(kernel)[grid](*args, **kwargs)
+        wrap_triton(kernel)[grid](*args, **kwargs)  # traced: Inductor's code guards the device
+        return
+    first = args[0]
+    if first.is_cuda and first.device.index != torch.cuda.current_device():
+        # Triton launches on the current device: make it the operands' (a model on cuda:1
+        # while cuda:0 is current would read another GPU's addresses)
+        with torch.cuda.device(first.device):
+            _launch(kernel, grid, *args, **kwargs)
         return
     runtime = triton.knobs.runtime if hasattr(triton, "knobs") else None
     if (interpreting() or runtime is None or _hooked(runtime.launch_enter_hook)

@@ -153,6 +153,53 @@ def test_line_major_while_w_fits_the_l2():
         assert not tops._line_major(torch.empty(n + 1, dtype=dtype, device="meta"))
 
 
+def test_launches_on_the_operands_device(monkeypatch):
+    """Triton launches on the current CUDA device: with the operands on cuda:1 and cuda:0
+    current, ops._launch makes cuda:1 current for the launch (and only then). Simulated: a
+    stand-in operand that says it is on cuda:1 and a device guard that records."""
+    import types
+    tops = sk_triton._ops()
+    current, seen = [0], []
+
+    @contextlib.contextmanager
+    def device_guard(device):
+        before, current[0] = current[0], torch.device(device).index
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    monkeypatch.setattr(tops, "interpreting", lambda: True)  # Triton's own path: the stub below
+    launcher = type("Kernel", (), {"__getitem__": lambda self, grid: (
+        lambda *args, **kwargs: seen.append((current[0], args)))})()
+    for index in (1, 0, 1):
+        operand = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))
+        tops._launch(launcher, None, operand, 7, FLAG=True)
+        assert seen[-1] == (index, (operand, 7)) and current[0] == 0
+    assert len(seen) == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_linear_on_the_second_gpu():
+    """A layer on cuda:1 while cuda:0 is current: forward and backward against the dense
+    layer on the same device."""
+    layer = SparseLinear(256, 128, block_size=(64, 64), density=0.5, backend="triton").to(
+        "cuda:1", torch.bfloat16)
+    x = torch.randn(32, 256, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(32, 128, device="cuda:1", dtype=torch.bfloat16)
+    with torch.cuda.device(0):
+        y = layer(x)
+        y.backward(g)
+    x_ref = x.detach().double().requires_grad_()
+    ref = F.linear(x_ref, layer.weight.to_dense().double(), layer.bias.double())
+    ref.backward(g.double())
+    assert_close(y, ref)
+    assert_close(x.grad, x_ref.grad)
+
+
 def test_cuda_device_properties_asked_once(monkeypatch):
     """The launchers' L2 size (program order) and SM count (sdd's split) come from the device
     once per device, not from torch.cuda.get_device_properties on every call."""
