@@ -12,6 +12,7 @@ from torch.nn.utils import prune
 import sparsekern
 from sparsekern import SparseLinear, bsr_linear
 from sparsekern.bsr import TOPOLOGY_FIELDS
+from sparsekern.nn import conv_weight_to_gemm
 from conftest import (TOPOLOGY_KINDS, assert_close, make_matrix, matrix_dense, oracle_blocks,
                       oracle_dds, padding_keep_mask, seeded_generator)
 
@@ -362,6 +363,60 @@ def test_layer_backend_argument(backend_spy):
     bad = SparseLinear.from_dense(lin, (4, 4), backend="nope")
     with pytest.raises(ValueError, match="unknown sparsekern backend 'nope'"):
         bad(torch.randn(3, 20))
+
+
+# ---- torch.autocast --------------------------------------------------------------------------------
+def _autocast_models(seed):
+    """A dense layer feeding a sparse one (the sparse one gets autocast's bfloat16 activations
+    and holds float32 weights), Linear and Conv2d, and the same models with the sparse layers
+    made dense; with their inputs."""
+    torch.manual_seed(seed)
+    linear = nn.Sequential(nn.Linear(24, 32), SparseLinear(32, 16, block_size=(8, 8), density=0.5))
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), sparsekern.SparseConv2d(
+        8, 8, 3, padding=1, block_size=(4, 4), density=0.5))
+    pairs = []
+    for model, x in ((linear, torch.randn(6, 24)), (conv, torch.randn(2, 3, 6, 6))):
+        dense = nn.Sequential(model[0], model[1].to_dense())
+        pairs.append((model, dense, x))
+    return pairs
+
+
+def test_autocast_computes_like_the_dense_layers():
+    """Under torch.autocast (bfloat16 on the CPU), the sparse layers take what F.linear and
+    F.conv2d would: the previous layer's bfloat16 output with their float32 weights (a
+    TypeError before), computing and returning bfloat16; their weights' gradients stay float32.
+    Outside autocast, and for float64 models inside it, nothing is cast."""
+    for model, dense, x in _autocast_models(21):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, y_dense = model(x), dense(x)
+        assert y.dtype == y_dense.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), y_dense.float(), rtol=2e-2, atol=2e-2)
+        grads = torch.autograd.grad(y.float().square().sum(), list(model[1].parameters()))
+        grads_dense = torch.autograd.grad(y_dense.float().square().sum(),
+                                          list(dense[1].parameters()))
+        assert all(g.dtype == torch.float32 for g in grads)
+        # the weight's gradient on its stored blocks, the bias's whole
+        blocks = model[1].weight.with_values(grads[0]).to_dense()
+        mask = model[1].weight.with_values(torch.ones_like(grads[0])).to_dense().bool()
+        weight_grad = grads_dense[0]
+        if weight_grad.dim() == 4:  # [C_out, C_in, R, S] -> the GEMM matrix [C_out, R*S*C_in]
+            weight_grad = conv_weight_to_gemm(weight_grad)
+        torch.testing.assert_close(blocks, weight_grad * mask, rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(grads[1], grads_dense[1], rtol=3e-2, atol=3e-2)
+        assert model(x).dtype == torch.float32  # autocast off again
+        model64, x64 = model[1].double(), model[0](x).detach().double()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model64(x64).dtype == torch.float64
+
+
+def test_torch_compile_under_autocast_matches_eager():
+    torch._dynamo.reset()
+    for model, _, x in _autocast_models(22):
+        compiled = torch.compile(model, fullgraph=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y_eager, y_comp = model(x), compiled(x)
+        assert y_comp.dtype == torch.bfloat16
+        torch.testing.assert_close(y_comp, y_eager)
 
 
 # ---- torch.compile -------------------------------------------------------------------------------

@@ -354,6 +354,22 @@ def test_linear_half_precision(dtype, gen):
     torch.testing.assert_close(y.cpu().double(), expected, rtol=2e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_runs_the_layers_in_half_precision(dtype, gen):
+    """Under torch.autocast the Triton backend gets the layers' operands in autocast's dtype
+    (the float32 weights cast, as F.linear's are) and computes in it; the weights' gradients
+    come back float32."""
+    torch.manual_seed(23)
+    layer = SparseLinear(48, 32, block_size=(16, 16), density=0.5).to(DEVICE)
+    x = randn(9, 48, generator=gen).float().to(DEVICE)
+    with sparsekern.backend("triton"), torch.autocast(DEVICE, dtype=dtype):
+        y = layer(x)
+        y.float().sum().backward()
+    assert y.dtype == dtype and layer.weight.values.grad.dtype == torch.float32
+    expected = F.linear(x.double(), layer.weight.to_dense().double(), layer.bias.double())
+    torch.testing.assert_close(y.cpu().double(), expected.cpu(), rtol=2e-2, atol=3e-2)
+
+
 def test_sparse_linear_autograd_and_empty_batch(gen):
     layer = SparseLinear(48, 40, block_size=(16, 16), density=0.5, dtype=torch.float64).to(DEVICE)
     dense = layer.to_dense()
