@@ -312,7 +312,7 @@ def benchmark_cases(quick: bool):
     (compiled one after another, unless triton_warm_cache.py compiled them), so fewer block
     shapes matter more than fewer rows."""
     sizes = (4096,) if quick else (4096, 8192)
-    batches = (4096, 256)
+    batches = (4096, 256) if quick else (4096, 1024, 256)
     blocks = (64, 32) if quick else (64, 32, 128)
     sparsities = (0.9, 0.99) if quick else (0.5, 0.75, 0.9, 0.95, 0.99)
     cases = [("linear", (n, b, blk, s)) for n in sizes for b in batches for blk in blocks
