@@ -153,7 +153,7 @@ def _check_topology(topo, nnz: int, n_rows: int, n_cols: int, bm: int, bk: int, 
             raise ValueError(f"{name} is on {t.device} but the operands are on {device}")
 
 
-def _check_dense(t: Tensor, name: str, width: int, dtype, device, other="the block values"
+def _check_dense(t: Tensor, name: str, width: int, dtype, device, other="the weight (block values)"
                  ) -> None:
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [batch, features], got shape {tuple(t.shape)}")
@@ -166,7 +166,7 @@ def _check_dense(t: Tensor, name: str, width: int, dtype, device, other="the blo
 
 
 def _check_conv_activation(t: Tensor, name: str, N: int, C: int, h: int, w: int, dtype, device,
-                           other="the block values") -> None:
+                           other="the weight (block values)") -> None:
     """t: NHWC rows [N*h*w, C] or NCHW [N, C, h, w]."""
     if t.dim() == 4:
         if tuple(t.shape) != (N, C, h, w):

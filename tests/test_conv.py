@@ -1097,7 +1097,8 @@ def test_error_kernel_larger_than_padded_input(w_conv):
 
 
 def test_error_dtype_mismatch(w_conv):
-    with pytest.raises(TypeError, match="conv input has dtype torch.float64 but the block values"):
+    with pytest.raises(TypeError,
+                       match=r"conv input has dtype torch.float64 but the weight \(block values\)"):
         bsr_conv2d(torch.randn(1, 4, 5, 5, dtype=torch.float64), w_conv, padding=1)
 
 
