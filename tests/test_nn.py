@@ -365,7 +365,7 @@ def test_layer_backend_argument(backend_spy):
         bad(torch.randn(3, 20))
 
 
-# ---- torch.autocast --------------------------------------------------------------------------------
+# ---- torch.autocast ------------------------------------------------------------------------------
 def _autocast_models(seed):
     """A dense layer feeding a sparse one (the sparse one gets autocast's bfloat16 activations
     and holds float32 weights), Linear and Conv2d, and the same models with the sparse layers
