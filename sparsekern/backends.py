@@ -185,6 +185,27 @@ def select_for_backward(name: str, op: str, a: Tensor, dtype: torch.dtype, trans
     return select_auto(op, a, dtype, trans_w, conv, block).name
 
 
+def autocast_dtype(requested: str, a: Tensor, low: torch.dtype, conv: bool,
+                   block: tuple[int, int]) -> torch.dtype:
+    """The dtype a layer computes in under torch.autocast (whose lower precision is `low`):
+    `low` where the backend that runs the layer in float32 runs it in `low` too, else float32,
+    as autocast runs its float32-only ops. So a forced C++ backend (float32/float64) keeps
+    working, and "auto" on the CPU keeps its C++ kernels rather than moving to the reference
+    backend, which would compute the dense product."""
+    name = resolve_name(requested)
+
+    def runner(dtype):
+        if name != "auto":
+            return name if BACKENDS[name].refuse("dds", a, dtype, True, conv, block) is None \
+                else None
+        try:
+            return select_auto("dds", a, dtype, True, conv, block).name
+        except RuntimeError:
+            return None
+    chosen = runner(low)
+    return low if chosen is not None and chosen == runner(torch.float32) else torch.float32
+
+
 def select_auto(op: str, a: Tensor, dtype: torch.dtype, trans_w: bool = True,
                 conv: bool = False, block: tuple[int, int] | None = None) -> Backend:
     """The first backend of AUTO_ORDER that accepts (scopes are not consulted)."""

@@ -18,7 +18,7 @@ def bsr_linear(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     activation: None, or "relu" for relu(y) fused into the kernels (forward and backward).
     """
     relu = _fused_relu(activation)
-    input, weight, bias = _autocast(input, weight, bias)
+    input, weight, bias = _autocast(input, weight, bias, backend, conv=False)
     out_features, in_features = weight.shape
     if input.dim() < 1 or input.shape[-1] != in_features:
         raise ValueError(f"bsr_linear: input has shape {tuple(input.shape)}, expected [..., "
@@ -38,15 +38,18 @@ def bsr_linear(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     return y.reshape(*lead, out_features)
 
 
-def _autocast(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None):
-    """Under torch.autocast for the input's device, the operands in autocast's dtype, as
-    F.linear and F.conv2d take them: the output is in that dtype and the gradients flow back
-    through the casts to the float32 weights. Float64 operands are left alone (as autocast
-    leaves them)."""
+def _autocast(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None, backend: str,
+              conv: bool):
+    """Under torch.autocast for the input's device, the operands cast as autocast casts
+    F.linear's and F.conv2d's: to autocast's dtype where the backend that runs the layer takes
+    it, else to float32 (backends.autocast_dtype); the output is in that dtype and the gradients
+    flow back through the casts to the float32 weights. Float64 operands are left alone (as
+    autocast leaves them)."""
     device = input.device.type
-    if device not in ("cuda", "cpu") or not torch.is_autocast_enabled(device):
+    if not (torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)):
         return input, weight, bias
-    dtype = torch.get_autocast_dtype(device)
+    dtype = backends.autocast_dtype(backend, input, torch.get_autocast_dtype(device), conv,
+                                    weight.block_shape)
 
     def cast(t):
         return t.to(dtype) if t is not None and t.dtype in (torch.float32, torch.float16,
@@ -109,7 +112,7 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
     activation: None, or "relu" for relu(y) fused into the kernels (forward and backward).
     """
     relu = _fused_relu(activation)
-    input, weight, bias = _autocast(input, weight, bias)
+    input, weight, bias = _autocast(input, weight, bias, backend, conv=True)
     if input.dim() == 3:
         return bsr_conv2d(input.unsqueeze(0), weight, bias, stride, padding, dilation,
                           kernel_size=kernel_size, backend=backend,

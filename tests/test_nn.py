@@ -381,15 +381,22 @@ def _autocast_models(seed):
     return pairs
 
 
-def test_autocast_computes_like_the_dense_layers():
-    """Under torch.autocast (bfloat16 on the CPU), the sparse layers take what F.linear and
-    F.conv2d would: the previous layer's bfloat16 output with their float32 weights (a
-    TypeError before), computing and returning bfloat16; their weights' gradients stay float32.
-    Outside autocast, and for float64 models inside it, nothing is cast."""
+@pytest.mark.parametrize("backend", ["auto", "cpu", "reference"])
+def test_autocast_like_the_dense_layers(backend, backend_spy):
+    """Under torch.autocast (bfloat16 on the CPU) the sparse layers take the previous layer's
+    bfloat16 output with their float32 weights (a TypeError before) and cast as autocast casts:
+    to bfloat16 where the backend that runs them in float32 takes it (the reference), else to
+    float32 ("auto" and "cpu": the C++ kernels, float32/float64 only, keep the layer rather
+    than the reference's dense product). Their weights' gradients stay float32 and match the
+    dense layers'. Outside autocast, and for float64 layers inside it, nothing is cast."""
+    expected = torch.bfloat16 if backend == "reference" else torch.float32
     for model, dense, x in _autocast_models(21):
+        model[1].backend = backend
+        backend_spy.calls.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, y_dense = model(x), dense(x)
-        assert y.dtype == y_dense.dtype == torch.bfloat16
+        assert y.dtype == expected and y_dense.dtype == torch.bfloat16
+        assert backend_spy.names() == {"reference" if backend == "reference" else "cpu"}
         torch.testing.assert_close(y.float(), y_dense.float(), rtol=2e-2, atol=2e-2)
         grads = torch.autograd.grad(y.float().square().sum(), list(model[1].parameters()))
         grads_dense = torch.autograd.grad(y_dense.float().square().sum(),
@@ -409,13 +416,33 @@ def test_autocast_computes_like_the_dense_layers():
             assert model64(x64).dtype == torch.float64
 
 
-def test_torch_compile_under_autocast_matches_eager():
+def test_autocast_dtype_follows_the_backend():
+    """backends.autocast_dtype: autocast's dtype where the backend that runs the layer in
+    float32 runs it in that dtype too; float32 where it refuses it or "auto" would move to
+    another backend for it."""
+    from sparsekern import backends
+    x = torch.randn(2, 8)
+    for requested, low, expected in (("auto", torch.bfloat16, torch.float32),
+                                     ("cpu", torch.float16, torch.float32),
+                                     ("reference", torch.bfloat16, torch.bfloat16),
+                                     ("reference", torch.float16, torch.float16)):
+        assert backends.autocast_dtype(requested, x, low, False, (4, 4)) == expected
+    with sparsekern.backend("reference"):
+        assert backends.autocast_dtype("auto", x, torch.bfloat16, True, (4, 4)) == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_torch_compile_under_autocast_matches_eager(backend):
+    """The autocast casts traced (fullgraph): float32 on the C++ backend, bfloat16 on the
+    reference, as in eager mode."""
     torch._dynamo.reset()
     for model, _, x in _autocast_models(22):
+        model[1].backend = backend
         compiled = torch.compile(model, fullgraph=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y_eager, y_comp = model(x), compiled(x)
-        assert y_comp.dtype == torch.bfloat16
+        assert y_comp.dtype == y_eager.dtype == (
+            torch.bfloat16 if backend == "reference" else torch.float32)
         torch.testing.assert_close(y_comp, y_eager)
 
 

@@ -252,12 +252,18 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
         wrap_triton(kernel)[grid](*args, **kwargs)  # traced: Inductor's code guards the device
         return
     first = args[0]
-    if first.is_cuda and first.device.index != torch.cuda.current_device():
+    if isinstance(first, Tensor) and first.is_cuda and \
+            first.get_device() != torch.cuda.current_device():
         # Triton launches on the current device: make it the operands' (a model on cuda:1
         # while cuda:0 is current would read another GPU's addresses)
         with torch.cuda.device(first.device):
-            _launch(kernel, grid, *args, **kwargs)
+            _launch_eager(kernel, grid, *args, **kwargs)
         return
+    _launch_eager(kernel, grid, *args, **kwargs)
+
+
+def _launch_eager(kernel, grid, *args, **kwargs) -> None:
+    """_launch outside torch.compile, on the current device."""
     runtime = triton.knobs.runtime if hasattr(triton, "knobs") else None
     if (interpreting() or runtime is None or _hooked(runtime.launch_enter_hook)
             or _hooked(runtime.launch_exit_hook)):  # a profiler's launch hooks: Triton's path

@@ -153,11 +153,26 @@ def test_line_major_while_w_fits_the_l2():
         assert not tops._line_major(torch.empty(n + 1, dtype=dtype, device="meta"))
 
 
+class _SaysCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA device `index` (what ops._launch reads)."""
+    index = 0
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def device(self):
+        return torch.device("cuda", self.index)
+
+    def get_device(self):
+        return self.index
+
+
 def test_launches_on_the_operands_device(monkeypatch):
     """Triton launches on the current CUDA device: with the operands on cuda:1 and cuda:0
-    current, ops._launch makes cuda:1 current for the launch (and only then). Simulated: a
-    stand-in operand that says it is on cuda:1 and a device guard that records."""
-    import types
+    current, ops._launch makes cuda:1 current for the launch (and only then). Simulated: an
+    operand that says it is on a CUDA device and a device guard that records."""
     tops = sk_triton._ops()
     current, seen = [0], []
 
@@ -175,10 +190,12 @@ def test_launches_on_the_operands_device(monkeypatch):
     launcher = type("Kernel", (), {"__getitem__": lambda self, grid: (
         lambda *args, **kwargs: seen.append((current[0], args)))})()
     for index in (1, 0, 1):
-        operand = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))
+        operand = torch.Tensor._make_subclass(_SaysCuda, torch.zeros(1))
+        operand.index = index
         tops._launch(launcher, None, operand, 7, FLAG=True)
-        assert seen[-1] == (index, (operand, 7)) and current[0] == 0
-    assert len(seen) == 3
+        assert seen[-1][0] == index and seen[-1][1][0] is operand and current[0] == 0
+    tops._launch(launcher, None, 5, FLAG=True)  # a first argument that is no tensor
+    assert seen[-1] == (0, (5,)) and len(seen) == 4
 
 
 @pytest.mark.cuda
@@ -357,17 +374,28 @@ def test_linear_half_precision(dtype, gen):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_autocast_runs_the_layers_in_half_precision(dtype, gen):
     """Under torch.autocast the Triton backend gets the layers' operands in autocast's dtype
-    (the float32 weights cast, as F.linear's are) and computes in it; the weights' gradients
-    come back float32."""
+    (the float32 weights cast, as F.linear's are) and computes in it; the gradients of the
+    input and of the weights come back float32, matching the float64 product of the same
+    half-precision operands."""
     torch.manual_seed(23)
     layer = SparseLinear(48, 32, block_size=(16, 16), density=0.5).to(DEVICE)
-    x = randn(9, 48, generator=gen).float().to(DEVICE)
+    x = randn(9, 48, generator=gen).float().to(DEVICE).requires_grad_()
+    g = randn(9, 32, generator=gen).to(dtype).to(DEVICE)
     with sparsekern.backend("triton"), torch.autocast(DEVICE, dtype=dtype):
         y = layer(x)
-        y.float().sum().backward()
-    assert y.dtype == dtype and layer.weight.values.grad.dtype == torch.float32
-    expected = F.linear(x.double(), layer.weight.to_dense().double(), layer.bias.double())
-    torch.testing.assert_close(y.cpu().double(), expected.cpu(), rtol=2e-2, atol=3e-2)
+    y.backward(g)
+    assert y.dtype == dtype and layer.weight.values.grad.dtype == x.grad.dtype == torch.float32
+    # the reference: float64 products of the operands as autocast rounded them
+    x_ref = x.detach().to(dtype).double().requires_grad_()
+    w_ref = layer.weight.to_dense().detach().to(dtype).double().requires_grad_()
+    ref = F.linear(x_ref, w_ref, layer.bias.detach().to(dtype).double())
+    ref.backward(g.double())
+    tolerance = dict(rtol=2e-2, atol=3e-2)
+    torch.testing.assert_close(y.detach().cpu().double(), ref.detach().cpu(), **tolerance)
+    torch.testing.assert_close(x.grad.cpu().double(), x_ref.grad.cpu(), **tolerance)
+    blocks = layer.weight.with_values(layer.weight.values.grad).to_dense()
+    mask = layer.weight.with_values(torch.ones_like(layer.weight.values)).to_dense().bool()
+    torch.testing.assert_close(blocks.cpu().double(), (w_ref.grad * mask).cpu(), **tolerance)
 
 
 def test_sparse_linear_autograd_and_empty_batch(gen):
