@@ -7,13 +7,22 @@ kernels against both sparsekern.reference and these helpers.
 """
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
 import torch
 
-import sparsekern
-from sparsekern import BlockSparseMatrix
+# Without a GPU the Triton kernels run under the interpreter (tests/triton). Set before any test
+# module is imported: one that imports triton first (torch._inductor does) leaves the
+# interpreter unable to call the kernels' helper functions ("Cannot call @triton.jit'd outside
+# of the scope of a kernel"), even if TRITON_INTERPRET is set before the kernels are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SPARSEKERN_TRITON_AUTOTUNE", "0")  # one config: compile each shape once
+
+import sparsekern  # noqa: E402
+from sparsekern import BlockSparseMatrix  # noqa: E402
 
 # ---- parameter lists -----------------------------------------------------------------------------
 DTYPES = (torch.float32, torch.float64)

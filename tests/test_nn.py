@@ -496,12 +496,17 @@ def test_torch_compile_fused_relu_matches_eager():
     torch.testing.assert_close(dx_comp, grads_eager[0], rtol=1e-5, atol=1e-5)
 
 
-@torch._inductor.config.patch(fx_graph_cache=False)
-@torch._functorch.config.patch(enable_autograd_cache=False)
 def test_torch_compile_backward_follows_backend_scope(backend_spy):
     # no compile caches: a cached graph traced under another scope would change the first half.
     # (config.patch, not monkeypatch: monkeypatch's undo deleted the functorch setting, and
-    # every later Inductor compile in the process failed)
+    # every later Inductor compile in the process failed. Not as decorators: those import
+    # torch._inductor, and with it triton, while pytest collects; see tests/conftest.py.)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        _backward_follows_backend_scope(backend_spy)
+
+
+def _backward_follows_backend_scope(backend_spy):
     torch._dynamo.reset()
     torch.manual_seed(16)
     layer = SparseLinear(20, 12, block_size=(4, 4), density=0.5)

@@ -1,7 +1,7 @@
 """Backend "triton" against the float64 oracle: Linear and Conv2d, forward and backward.
 
-Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set here, before the
-kernels are first imported); with one (benchmarks/gpu_suite.sh) the same tests run on CUDA
+Without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set by tests/conftest.py,
+before anything imports triton); with one (benchmarks/gpu_suite.sh) the same tests run on CUDA
 tensors with float32 in "ieee" mode, plus a TF32 check. Shapes stay tiny: the interpreter runs
 every program in numpy.
 """
@@ -15,9 +15,6 @@ import torch
 import torch.nn.functional as F
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("SPARSEKERN_TRITON_AUTOTUNE", "0")  # one config: compile each shape once
 triton = pytest.importorskip("triton")
 
 import sparsekern  # noqa: E402
