@@ -339,29 +339,41 @@ def main(argv=None):
     info = {**machine_info(), "gpu": torch.cuda.get_device_name(), "dtype": str(DTYPE)}
     print(info, flush=True)
     cases, sweep_cases = benchmark_cases(args.quick)
-    sweep = variant_sweep(cases=sweep_cases)
+    failures = []  # one part failing must not cost the rest of a short lease its numbers
+    sweep = _attempt("variant sweep", failures, variant_sweep, [], cases=sweep_cases)
     write_json(args.json.replace(".json", "_variants.json"), info, sweep)
-    orders = program_orders()
+    orders = _attempt("program orders", failures, program_orders, [])
     print(orders, flush=True)
     write_json(args.json.replace(".json", "_orders.json"), info, orders)
-    try:
-        profile = host_profile()
-    except Exception:  # noqa: BLE001 - the cases below matter more than the profile
-        import traceback
-
-        profile = f"host profile failed:\n{traceback.format_exc()}"
-        print(profile, flush=True)
+    profile = _attempt("host profile", failures, host_profile, "host profile failed")
     rows = []
     for kind, params in cases:
-        try:
-            row = linear_case(*params) if kind == "linear" else conv_case(*params)
-        except torch.OutOfMemoryError as err:
-            print(f"skipped {params}: {err}", flush=True)
+        row = _attempt(f"{kind} {params}", failures,
+                       linear_case if kind == "linear" else conv_case, None, *params)
+        if row is None:  # (out of memory, say)
             continue
         rows.append(with_ratios(row))
         print(row, flush=True)
         write_json(args.json, info, rows)
     print_report(sweep, rows, profile, orders)
+    if failures:
+        print(f"\n{len(failures)} part(s) failed:\n" + "\n".join(failures))
+
+
+def _traceback_tail(lines: int = 12) -> str:
+    import traceback
+
+    return "\n".join(traceback.format_exc().rstrip().splitlines()[-lines:])
+
+
+def _attempt(what: str, failures: list, fn, fallback, *args, **kwargs):
+    """fn(*args, **kwargs), or `fallback` (the failure recorded in `failures`) if it raises."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception:  # noqa: BLE001 - a broken part must not stop the rest of the run
+        failures.append(f"{what}: {_traceback_tail()}")
+        print(f"{what} failed:\n{failures[-1]}", flush=True)
+        return fallback
 
 
 def with_ratios(row: dict) -> dict:

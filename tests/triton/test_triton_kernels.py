@@ -642,6 +642,11 @@ def test_bench_triton_gpu_smoke(monkeypatch):
         launched[::-1].index(False)  # every tile-major launch before the first line-major one
     assert tops._line_major is chosen and all("config" in r for r in orders)
     bench.print_report(sweep, [bench.with_ratios(row)], profile, orders)
+    failures = []  # a failing part is recorded and the run goes on
+    assert bench._attempt("part", failures, lambda d: 1 // d, "fallback", 0) == "fallback"
+    assert bench._attempt("part", failures, lambda d: 1 // d, "fallback", 1) == 1
+    assert len(failures) == 1 and failures[0].startswith("part: ") and "ZeroDivision" in \
+        failures[0]
     # the targets' lines: measured, met or missed, or not measured
     target = {"kind": "linear", "shape": "4096x4096 b4096", "block": 64, "sparsity": 0.9,
               "x_dense_fwd": 6.5, "x_dense_fb": 0.8, "x_bsr_mm_fwd": 2.0}
