@@ -78,8 +78,11 @@ waited_section() {  # waited_section TITLE LOGNAME PID: a background job's secti
   echo "kernels in Triton's cache: $warmed after the warm-up, $(cubins) after the benchmarks"
   waited_section "Triton code check (sm_90)" triton_codegen "$codegen_pid"
   rm -rf "$codegen_cache"
-  # last, bounded: it has crashed on a GPU machine before (SUITE_TIMEOUT seconds, default 300)
-  section "Whole test suite" all_tests timeout "${SUITE_TIMEOUT:-300}" python -X faulthandler \
+  # last, bounded: it has crashed on a GPU machine before, and it needs no GPU (SUITE_TIMEOUT
+  # seconds, default 300; 150 with --quick, whose lease is short)
+  if [ "$quick" = --quick ]; then suite_timeout=${SUITE_TIMEOUT:-150}; else
+    suite_timeout=${SUITE_TIMEOUT:-300}; fi
+  section "Whole test suite" all_tests timeout "$suite_timeout" python -X faulthandler \
     -m pytest -q -rfE tests
 } | tee "$report"
 echo "report: $report"
