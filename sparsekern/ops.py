@@ -73,10 +73,18 @@ def dds_out_shape(a, n_rows, n_cols, trans_w, conv):
     return (a.shape[0], n_rows if trans_w else n_cols)
 
 
+def _batched(t: Tensor) -> bool:
+    """A tensor batched by vmap (torch.func's, or the older one gradcheck's batched checks use):
+    it has no storage to share and cannot tell its memory format."""
+    return torch._C._functorch.is_batchedtensor(t) or \
+        torch._C._functorch.is_legacy_batchedtensor(t)
+
+
 def is_channels_last(t: Tensor) -> bool:
     """A 4-D tensor laid out NHWC (and not also plain contiguous, as 1-channel ones are)."""
-    return t.dim() == 4 and not t.is_contiguous() and \
-        t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() != 4 or t.is_contiguous() or (not torch.compiler.is_compiling() and _batched(t)):
+        return False  # (a batched one is taken as NCHW: a copy; dynamo cannot trace the test)
+    return t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _rows_view(t: Tensor) -> Tensor:
@@ -90,6 +98,8 @@ def _rows_as_channels_last(rows: Tensor, N: int, h: int, w: int) -> Tensor:
     callers modify in place)."""
     rows = rows.contiguous()
     C = rows.shape[1]
+    if _batched(rows):  # a jvp's tangents under vmap: no storage, and vmap clones to NCHW
+        return rows_to_nchw(rows, N, h, w)  # only (a tangent's layout is free)
     if type(rows) is not torch.Tensor or torch._C._functorch.is_functionaltensor(rows):
         # traced (fake / functional tensors: no storage to share): a copy, which compilers fuse
         return rows.reshape(N, h, w, C).permute(0, 3, 1, 2).clone(
@@ -338,6 +348,8 @@ def _sdd_impl(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_id
             raise ValueError(f"conv sdd operands must be both NHWC rows (2-D) or both NCHW "
                              f"(4-D), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
         if a.dim() == 4 and is_channels_last(a) != is_channels_last(b):  # one layout for both
+            if _batched(b):  # (vmap cannot lay b out channels_last: both NCHW)
+                a = a.contiguous()
             b = b.contiguous(memory_format=torch.channels_last if is_channels_last(a)
                              else torch.contiguous_format)
         _check_topology(topo, col_idx.shape[0], a.shape[1], R * S * C, bm, bk, a.device)
@@ -383,11 +395,17 @@ def _sdd_fake(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm
 
 
 # ---- autograd, once, over the primitives ---------------------------------------------------------
+def _dds_saved(inputs, output) -> tuple:
+    """What dds's backward and jvp read: a, values, the topology, and a fused ReLU's output or a
+    masked product's mask."""
+    a, values, *topo, n_rows, n_cols, trans_w, backend, conv, bias, relu, relu_mask = inputs
+    extra = (output,) if relu else (relu_mask,) if relu_mask is not None else ()
+    return (a, values, *topo, *extra)
+
+
 def _dds_setup_context(ctx, inputs, output):
     a, values, *topo, n_rows, n_cols, trans_w, backend, conv, bias, relu, relu_mask = inputs
-    # A fused ReLU's backward needs its output; a masked product, its mask.
-    extra = (output,) if relu else (relu_mask,) if relu_mask is not None else ()
-    ctx.save_for_backward(a, values, *topo, *extra)
+    ctx.save_for_backward(*_dds_saved(inputs, output))
     ctx.conv = conv
     ctx.relu, ctx.masked = bool(relu), relu_mask is not None
     # Pin the backend the forward ran under, so a backward outside a `backend(...)` scope matches.
@@ -432,9 +450,13 @@ def _dds_backward(ctx, grad):
     return ((grad_a, grad_values) + (None,) * 11 + (grad_bias, None, None))[:n_inputs]
 
 
+def _sdd_saved(inputs, output) -> tuple:
+    return tuple(inputs[:8])  # a, b and the topology
+
+
 def _sdd_setup_context(ctx, inputs, output):
     a, b, *topo, bm, bk, backend, conv = inputs
-    ctx.save_for_backward(a, b, *topo)
+    ctx.save_for_backward(*_sdd_saved(inputs, output))
     ctx.meta = (bm, bk, backends.resolve_name(backend))
     ctx.conv = conv
 
@@ -462,6 +484,39 @@ dds.register_autograd(_dds_backward, setup_context=_dds_setup_context)
 sdd.register_autograd(_sdd_backward, setup_context=_sdd_setup_context)
 
 
+# ---- forward-mode AD (torch.func.jvp / jacfwd, torch.autograd.forward_ad) ------------------------
+def _dds_jvp(ctx, t_a, t_values, *tangents):
+    """The tangent of dds: products of each input's tangent with the other operand (the mask of
+    a masked product applies to both; a fused ReLU passes the tangent where its output is
+    positive), plus the bias's tangent."""
+    a, values, *topo = ctx.saved_tensors
+    extra = topo.pop() if (ctx.relu or ctx.masked) else None
+    n_rows, n_cols, trans_w, backend = ctx.meta
+    mask = extra if ctx.masked else None
+    t_bias = tangents[11]  # input 13
+    terms = [dds_call(t, v, *topo, n_rows, n_cols, trans_w, backend, ctx.conv, None, False, mask)
+             for t, v in ((t_a, values), (a, t_values)) if v is not None and t is not None]
+    out = terms[0] if terms else a.new_zeros(dds_out_shape(a, n_rows, n_cols, trans_w, ctx.conv))
+    for term in terms[1:]:
+        out = out + term
+    if t_bias is not None:
+        out = out + (t_bias.view(1, -1, 1, 1) if out.dim() == 4 else t_bias)
+    if ctx.relu:
+        out = torch.ops.aten.threshold_backward(out, extra, 0)
+    return out
+
+
+def _sdd_jvp(ctx, t_a, t_b, *tangents):
+    """The tangent of sdd: sdd(t_a, b) + sdd(a, t_b) on the same blocks."""
+    a, b, *topo = ctx.saved_tensors
+    bm, bk, backend = ctx.meta
+    terms = [sdd_call(left, right, *topo, bm, bk, backend, ctx.conv)
+             for left, right in ((t_a, b), (a, t_b)) if left is not None and right is not None]
+    if not terms:
+        return a.new_zeros(topo[1].shape[0], bm, bk)
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
 # ---- eager fast path ------------------------------------------------------------------------------
 # The custom ops' dispatch (schema defaults, dynamo-disable wrappers, autograd redispatch) costs
 # ~100 us of host time per call, more than the kernels of a small layer take. Eager callers
@@ -484,6 +539,35 @@ _DdsFunction = _eager_function("_DdsFunction", _dds_impl, _dds_setup_context, _d
 _SddFunction = _eager_function("_SddFunction", _sdd_impl, _sdd_setup_context, _sdd_backward)
 
 
+def _transform_function(name: str, impl, saved, setup_context, backward, jvp) -> type:
+    """The same for torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, vmap and their
+    compositions) and forward-mode AD: the registered ops' autograd (register_autograd) cannot
+    run under the grad transforms (pytorch#179652), and under jvp it dropped the tangent.
+    setup_context apart from forward, as the transforms need; a jvp; vmap one sample at a time
+    (what PyTorch does for an op without a batching rule)."""
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.save_for_forward(*saved(inputs, output))
+
+    def vmap(info, in_dims, *args):
+        samples = [function.apply(*[a.select(d, i) if isinstance(a, Tensor) and d is not None
+                                    else a for a, d in zip(args, in_dims)])
+                   for i in range(info.batch_size)]
+        return torch.stack(samples), 0
+
+    function = type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: impl(*args)), "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward), "jvp": staticmethod(jvp),
+        "vmap": staticmethod(vmap)})
+    return function
+
+
+_DdsTransformFunction = _transform_function("_DdsTransformFunction", _dds_impl, _dds_saved,
+                                            _dds_setup_context, _dds_backward, _dds_jvp)
+_SddTransformFunction = _transform_function("_SddTransformFunction", _sdd_impl, _sdd_saved,
+                                            _sdd_setup_context, _sdd_backward, _sdd_jvp)
+
+
 def _use_registered_ops(a: Tensor) -> bool:
     """True when a tracer may be watching: torch.compile, functorch transforms, a Python dispatch
     mode (make_fx, FakeTensorMode), or a tensor subclass operand. The last two catch AOT
@@ -494,12 +578,18 @@ def _use_registered_ops(a: Tensor) -> bool:
             or type(a) not in (Tensor, torch.nn.Parameter))
 
 
-def _records_autograd() -> bool:
-    """False with grad mode off and no forward-mode AD level open (a backward without
-    create_graph, inference): no graph to record, so the products skip the Function's ctx.
-    (Forward AD ignores grad mode: a dual input must still reach the Function, which says that
-    it has no jvp, rather than lose its tangent in a kernel.)"""
-    return torch.is_grad_enabled() or forward_ad._current_level >= 0
+def _under_transform() -> bool:
+    """True in eager mode with a torch.func grad, jvp or vmap transform innermost: the products
+    go through the autograd.Functions above (functionalize keeps the registered ops)."""
+    if (not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+            or _get_current_dispatch_mode() is not None):
+        return False
+    interpreter = torch._C._functorch.peek_interpreter_stack()
+    return interpreter is not None and interpreter.key() in _TRANSFORMS
+
+
+_TRANSFORMS = tuple(getattr(torch._C._functorch.TransformType, name)
+                    for name in ("Grad", "Jvp", "Vmap"))
 
 
 def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
@@ -508,8 +598,10 @@ def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm
     args = (a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
             trans_w, backend, conv, bias, relu, relu_mask)
     if _use_registered_ops(a):
-        return dds(*args)
-    return _DdsFunction.apply(*args) if _records_autograd() else _dds_impl(*args)
+        return _DdsTransformFunction.apply(*args) if _under_transform() else dds(*args)
+    if forward_ad._current_level >= 0:  # forward-mode AD may be on (it ignores grad mode)
+        return _DdsTransformFunction.apply(*args)
+    return _DdsFunction.apply(*args) if torch.is_grad_enabled() else _dds_impl(*args)
 
 
 def sdd_call(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
@@ -517,5 +609,7 @@ def sdd_call(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm,
     """ops.sdd with the same arguments and result; the fast path in eager mode."""
     args = (a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk, backend, conv)
     if _use_registered_ops(a):
-        return sdd(*args)
-    return _SddFunction.apply(*args) if _records_autograd() else _sdd_impl(*args)
+        return _SddTransformFunction.apply(*args) if _under_transform() else sdd(*args)
+    if forward_ad._current_level >= 0:
+        return _SddTransformFunction.apply(*args)
+    return _SddFunction.apply(*args) if torch.is_grad_enabled() else _sdd_impl(*args)

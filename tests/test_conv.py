@@ -423,6 +423,25 @@ def test_conv_sdd_gradcheck(geom, layout, gen):
                                     (dy, x))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD uses torch.jit.script
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv_forward_ad_and_batched_gradcheck(layout, gen):
+    """The eager conv products (what SparseConv2d calls) under forward-mode AD and vmap over
+    their backward and jvp: x @ W^T and dy @ W (stride 2) and sdd, in every layout."""
+    m, conv, x, dy, values = _conv_op_inputs(GRAD_GEOMETRIES[0], gen, layout=layout)
+    Mp, Kp = m.padded_shape
+    bm, bk = m.block_shape
+    topo = m.topology()
+    checks = dict(check_forward_ad=True, check_batched_grad=True,
+                  check_batched_forward_grad=True)
+    for trans_w, a in ((True, x), (False, dy)):
+        assert torch.autograd.gradcheck(
+            lambda a, v: ops.dds_call(a, v, *topo, Mp, Kp, trans_w, "cpu", conv), (a, values),
+            **checks)
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops.sdd_call(a, b, *topo, bm, bk, "cpu", conv), (dy, x), **checks)
+
+
 def test_conv_ops_nchw_equal_rows(gen):
     """The same products in both layouts, on every CPU path (tiles, shifted, chunked)."""
     for geom in GRAD_GEOMETRIES + [(3, 16, 9, 10, (3, 3), (1, 1), (1, 1), (1, 1), 20, (16, 16)),

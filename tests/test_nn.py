@@ -446,6 +446,44 @@ def test_torch_compile_under_autocast_matches_eager(backend):
         torch.testing.assert_close(y_comp, y_eager)
 
 
+# ---- torch.func ----------------------------------------------------------------------------------
+def test_torch_func_transforms_of_a_sparse_model():
+    """torch.func over a model of sparse layers (strided conv and linear, fused ReLUs), float64:
+    grad of the input and of the parameters (functional_call) as autograd's, per-sample
+    gradients (vmap of grad) as a loop's, jacfwd as jacrev, jvp as finite differences, and a
+    forward-over-reverse Hessian-vector product as finite differences of the gradient."""
+    from torch.func import functional_call, grad, jacfwd, jacrev, jvp, vmap
+
+    torch.manual_seed(24)
+    model = nn.Sequential(
+        sparsekern.SparseConv2d(8, 8, 3, stride=2, padding=1, block_size=(4, 4), density=0.5,
+                                activation="relu"),
+        nn.Flatten(), SparseLinear(8 * 2 * 2, 6, block_size=(2, 4), density=0.5,
+                                   activation="relu"),
+        SparseLinear(6, 5, block_size=(3, 3), density=0.6)).double()
+    x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    def loss(p, xs):
+        return functional_call(model, p, (xs,)).square().sum()
+    g_x, g_p = grad(loss, argnums=(1, 0))(params, x)
+    xr = x.clone().requires_grad_()
+    expected = torch.autograd.grad(loss(dict(model.named_parameters()), xr),
+                                   [xr, *model.parameters()])
+    assert_close(g_x, expected[0])
+    for got, want in zip(g_p.values(), expected[1:]):
+        assert_close(got, want)
+    per_sample = vmap(grad(lambda p, xi: loss(p, xi.unsqueeze(0))), in_dims=(None, 0))(params, x)
+    for i in range(3):
+        for name, g in grad(loss)(params, x[i:i + 1]).items():
+            assert_close(per_sample[name][i], g)
+    assert_close(jacfwd(model)(x[:1]), jacrev(model)(x[:1]))
+    v, eps = torch.randn_like(x), 1e-6
+    assert_close(jvp(model, (x,), (v,))[1], (model(x + eps * v) - model(x - eps * v)) / (2 * eps))
+    grad_x = grad(lambda xs: loss(params, xs))
+    assert_close(jvp(grad_x, (x,), (v,))[1], (grad_x(x + eps * v) - grad_x(x - eps * v)) / (2 * eps))
+
+
 # ---- torch.compile -------------------------------------------------------------------------------
 def _compiled_matches_eager(model, x):
     """torch.compile(model, fullgraph=True) against eager: output and the gradients of x and of

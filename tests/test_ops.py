@@ -389,6 +389,62 @@ def test_dds_fused_relu(block_shape, kind, grid, backend, gen):
                              y.detach()), (dy, values))
 
 
+# ---- 2d. forward-mode AD and batched gradients (torch.func) --------------------------------------
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD uses torch.jit.script
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("product", ["x_wt_bias_relu", "dy_w_masked", "sdd"])
+def test_forward_ad_and_batched_gradcheck(product, backend, gen):
+    """The eager products (ops.dds_call / sdd_call, what the layers call) under forward-mode AD
+    (jvp), vmap over their backward and over their jvp, and reverse mode, all by gradcheck in
+    float64: x @ W^T + bias with the fused ReLU, the ReLU-masked dy @ W, and sdd."""
+    m, values, x, dy = _grad_inputs((4, 4), "sparse", (3, 3), gen, batch=3)
+    Mp, Kp, bm, bk = _sizes(m)
+    topo = m.topology()
+    bias = randn(Mp, generator=gen).requires_grad_()
+    if product == "x_wt_bias_relu":
+        fn, inputs = (lambda a, v, b: ops.dds_call(a, v, *topo, Mp, Kp, True, backend, None, b,
+                                                   True)), (x, values, bias)
+    elif product == "dy_w_masked":
+        mask = ops.dds_call(x.detach(), values.detach(), *topo, Mp, Kp, True, backend, None,
+                            None, True)  # a ReLU's output: some zeros
+        fn, inputs = (lambda a, v: ops.dds_call(a, v, *topo, Mp, Kp, False, backend, None, None,
+                                                False, mask)), (dy, values)
+    else:
+        fn, inputs = (lambda a, b: ops.sdd_call(a, b, *topo, bm, bk, backend)), (dy, x)
+    assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True, check_batched_grad=True,
+                                    check_batched_forward_grad=True)
+
+
+def test_torch_func_grad_jvp_and_vmap_of_the_products(gen):
+    """torch.func.grad, jvp (jacfwd against jacrev) and vmap of grad through the eager products:
+    the registered ops' autograd cannot run under the grad transforms (pytorch#179652) and
+    dropped the tangent under jvp (a zero tangent, silently)."""
+    from torch.func import grad, jacfwd, jacrev, jvp, vmap
+
+    m, values, x, _ = _grad_inputs((4, 4), "sparse", (3, 3), gen, batch=3)
+    Mp, Kp, _, _ = _sizes(m)
+    topo = m.topology()
+    v0, x0 = values.detach(), x.detach()
+
+    def f(a, v):
+        return ops.dds_call(a, v, *topo, Mp, Kp, True, "cpu").square().sum()
+    gx, gv = grad(f, argnums=(0, 1))(x0, v0)
+    ex, ev = torch.autograd.grad(f(x, values), (x, values))
+    assert_close(gx, ex, torch.float64)
+    assert_close(gv, ev, torch.float64)
+    tangent = torch.randn_like(x0)
+    _, out = jvp(lambda a: ops.dds_call(a, v0, *topo, Mp, Kp, True, "cpu"), (x0,), (tangent,))
+    assert out.abs().sum() > 0
+    assert_close(out, ops.dds_call(tangent, v0, *topo, Mp, Kp, True, "reference"),
+                 torch.float64)
+    product = lambda a: ops.dds_call(a, v0, *topo, Mp, Kp, True, "cpu")  # noqa: E731
+    assert_close(jacfwd(product)(x0), jacrev(product)(x0), torch.float64)
+    per_sample = vmap(grad(lambda a, v: f(a.unsqueeze(0), v), argnums=1), in_dims=(0, None))(
+        x0, v0)
+    for i in range(x0.shape[0]):
+        assert_close(per_sample[i], grad(f, argnums=1)(x0[i:i + 1], v0), torch.float64)
+
+
 def test_opcheck_dds_with_relu(gen):
     m = make_matrix((8, 8), "sparse", torch.float32, grid=(3, 4))
     Mp, Kp, _, _ = _sizes(m)
@@ -804,7 +860,7 @@ def test_backward_reuses_forward_backend(backend_spy, w44):
 def test_grad_mode_off_runs_the_products_without_autograd(backend, monkeypatch):
     """With grad mode off (inference, a backward without create_graph) the products skip the
     autograd.Function: same values, no graph. Forward-mode AD ignores grad mode, so a dual
-    input still reaches the Function, which refuses (no jvp) instead of dropping the tangent."""
+    input still reaches an autograd.Function, whose jvp carries the tangent (not dropped)."""
     import torch.autograd.forward_ad as fwAD
 
     m = make_matrix((8, 8), "sparse", torch.float64, grid=(3, 3))
@@ -819,6 +875,8 @@ def test_grad_mode_off_runs_the_products_without_autograd(backend, monkeypatch):
     assert_close(y, ops.dds_call(x, m.values, *topo, 24, 24, True, "reference"), torch.float64)
     monkeypatch.undo()
     with fwAD.dual_level(), torch.no_grad():
-        xd = fwAD.make_dual(x, torch.randn_like(x))
-        with pytest.raises(NotImplementedError, match="jvp"):
-            ops.dds_call(xd, m.values, *topo, 24, 24, True, backend)
+        tangent = torch.randn_like(x)
+        y = ops.dds_call(fwAD.make_dual(x, tangent), m.values, *topo, 24, 24, True, backend)
+        assert_close(fwAD.unpack_dual(y).tangent,
+                     ops.dds_call(tangent, m.values, *topo, 24, 24, True, "reference"),
+                     torch.float64)
