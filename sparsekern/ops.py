@@ -580,16 +580,34 @@ def _use_registered_ops(a: Tensor) -> bool:
 
 def _under_transform() -> bool:
     """True in eager mode with a torch.func grad, jvp or vmap transform innermost: the products
-    go through the autograd.Functions above (functionalize keeps the registered ops)."""
+    go through the autograd.Functions above. Not under functionalize at any depth (functorch
+    has no functionalize rule for an autograd.Function: the registered ops stay)."""
     if (not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
             or _get_current_dispatch_mode() is not None):
         return False
-    interpreter = torch._C._functorch.peek_interpreter_stack()
-    return interpreter is not None and interpreter.key() in _TRANSFORMS
+    stack = [i.key() for i in torch._C._functorch.get_interpreter_stack()]
+    return bool(stack) and stack[-1] in _TRANSFORMS and _FUNCTIONALIZE not in stack
 
 
+_FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
 _TRANSFORMS = tuple(getattr(torch._C._functorch.TransformType, name)
                     for name in ("Grad", "Jvp", "Vmap"))
+
+
+def _check_no_tangent() -> None:
+    """The registered ops have no forward-mode AD rule (torch.library has none to register):
+    refuse a forward-AD level or a jvp transform there (under torch.compile, a dispatch mode,
+    functionalize) rather than drop the tangent, as they did, silently, with a zero."""
+    if forward_ad._current_level >= 0 or (
+            torch._C._are_functorch_transforms_active() and _JVP in [
+                i.key() for i in torch._C._functorch.get_interpreter_stack()]):
+        raise NotImplementedError(
+            "forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) through "
+            "sparsekern's products runs in eager mode only, not under torch.compile, a "
+            "dispatch mode, functionalize or with a tensor subclass operand")
+
+
+_JVP = torch._C._functorch.TransformType.Jvp
 
 
 def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
@@ -598,7 +616,10 @@ def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm
     args = (a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
             trans_w, backend, conv, bias, relu, relu_mask)
     if _use_registered_ops(a):
-        return _DdsTransformFunction.apply(*args) if _under_transform() else dds(*args)
+        if _under_transform():
+            return _DdsTransformFunction.apply(*args)
+        _check_no_tangent()
+        return dds(*args)
     if forward_ad._current_level >= 0:  # forward-mode AD may be on (it ignores grad mode)
         return _DdsTransformFunction.apply(*args)
     return _DdsFunction.apply(*args) if torch.is_grad_enabled() else _dds_impl(*args)
@@ -609,7 +630,10 @@ def sdd_call(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm,
     """ops.sdd with the same arguments and result; the fast path in eager mode."""
     args = (a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk, backend, conv)
     if _use_registered_ops(a):
-        return _SddTransformFunction.apply(*args) if _under_transform() else sdd(*args)
+        if _under_transform():
+            return _SddTransformFunction.apply(*args)
+        _check_no_tangent()
+        return sdd(*args)
     if forward_ad._current_level >= 0:
         return _SddTransformFunction.apply(*args)
     return _SddFunction.apply(*args) if torch.is_grad_enabled() else _sdd_impl(*args)

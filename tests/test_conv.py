@@ -442,6 +442,23 @@ def test_conv_forward_ad_and_batched_gradcheck(layout, gen):
         lambda a, b: ops.sdd_call(a, b, *topo, bm, bk, "cpu", conv), (dy, x), **checks)
 
 
+def test_conv_torch_func_channels_last():
+    """torch.func through a strided SparseConv2d on channels_last input: jacfwd (vmap over jvp,
+    the layout helpers taking batched tangents as NCHW) as jacrev, and vmap over a batch at
+    dimension 1 as a loop."""
+    from torch.func import jacfwd, jacrev, vmap
+
+    torch.manual_seed(25)
+    layer = SparseConv2d(4, 8, 3, stride=2, padding=1, block_size=(4, 4), density=0.5,
+                         activation="relu").double()
+    x = torch.randn(1, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert_close(jacfwd(layer)(x), jacrev(layer)(x))
+    xs = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64)  # 3 samples at dimension 1
+    out = vmap(layer, in_dims=1)(xs)
+    for i in range(3):
+        assert_close(out[i], layer(xs[:, i].contiguous(memory_format=torch.channels_last)))
+
+
 def test_conv_ops_nchw_equal_rows(gen):
     """The same products in both layouts, on every CPU path (tiles, shifted, chunked)."""
     for geom in GRAD_GEOMETRIES + [(3, 16, 9, 10, (3, 3), (1, 1), (1, 1), (1, 1), 20, (16, 16)),

@@ -445,6 +445,38 @@ def test_torch_func_grad_jvp_and_vmap_of_the_products(gen):
         assert_close(per_sample[i], grad(f, argnums=1)(x0[i:i + 1], v0), torch.float64)
 
 
+def test_torch_func_vmap_dims_and_refusals(gen):
+    """vmap through the eager products at a batch dimension other than 0 and over the weights'
+    values (per-sample weights), against a loop; eager training keeps the cheaper classic
+    Function; where the registered ops run (a dispatch mode here) forward-mode AD is refused
+    instead of the silent zero tangent it got; functionalize over vmap keeps working."""
+    from torch.func import functionalize, jvp, vmap
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m, values, x, _ = _grad_inputs((4, 4), "sparse", (3, 3), gen, batch=3)
+    Mp, Kp, _, _ = _sizes(m)
+    topo = m.topology()
+    v0, x0 = values.detach(), x.detach()
+
+    def product(a, v):
+        return ops.dds_call(a, v, *topo, Mp, Kp, True, "cpu")
+    xs = torch.stack([x0, 2 * x0, -x0], dim=1)  # [3, 3 samples, Kp]: batched at dim 1
+    out = vmap(product, in_dims=(1, None))(xs, v0)
+    for i in range(3):
+        assert_close(out[i], product(xs[:, i], v0), torch.float64)
+    vs = torch.stack([v0, 0.5 * v0])
+    out = vmap(product, in_dims=(None, 0), out_dims=1)(x0, vs)
+    for i in range(2):
+        assert_close(out[:, i], product(x0, vs[i]), torch.float64)
+    assert type(product(x, values).grad_fn).__name__ == "_DdsFunctionBackward"
+    assert type(ops.sdd_call(x, x, *topo, 4, 4, "cpu").grad_fn).__name__ == \
+        "_SddFunctionBackward"
+    with FlopCounterMode(display=False), pytest.raises(NotImplementedError, match="eager"):
+        jvp(lambda a: product(a, v0), (x0,), (torch.ones_like(x0),))
+    assert_close(functionalize(vmap(lambda a: product(a, v0)))(xs.transpose(0, 1)),
+                 vmap(lambda a: product(a, v0))(xs.transpose(0, 1)), torch.float64)
+
+
 def test_opcheck_dds_with_relu(gen):
     m = make_matrix((8, 8), "sparse", torch.float32, grid=(3, 4))
     Mp, Kp, _, _ = _sizes(m)

@@ -565,6 +565,7 @@ def test_tf32_default_is_close_but_not_ieee(gen):
 
 
 def test_opcheck_triton_ops(gen):
+    sk_triton._ops()  # registers the triton_ops (on first use; this test may run alone)
     m = make_matrix((16, 16), "sparse", torch.float32, gen, grid=(3, 3))
     topo = [t.to(DEVICE) for t in m.topology()]
     x = randn(5, 48, dtype=torch.float32, generator=gen).to(DEVICE)
