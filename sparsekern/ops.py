@@ -550,10 +550,14 @@ def _transform_function(name: str, impl, saved, setup_context, backward, jvp) ->
         ctx.save_for_forward(*saved(inputs, output))
 
     def vmap(info, in_dims, *args):
-        samples = [function.apply(*[a.select(d, i) if isinstance(a, Tensor) and d is not None
-                                    else a for a, d in zip(args, in_dims)])
-                   for i in range(info.batch_size)]
-        return torch.stack(samples), 0
+        def sample(pick):  # the arguments of one sample: pick(tensor, its batch dim)
+            return [pick(a, d) if isinstance(a, Tensor) and d is not None else a
+                    for a, d in zip(args, in_dims)]
+        if info.batch_size == 0:  # no sample: one of zeros gives the output's shape
+            out = function.apply(*sample(lambda a, d: a.new_zeros(a.shape[:d] + a.shape[d + 1:])))
+            return out.new_empty((0, *out.shape)), 0
+        return torch.stack([function.apply(*sample(lambda a, d: a.select(d, i)))
+                            for i in range(info.batch_size)]), 0
 
     function = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(lambda *args: impl(*args)), "setup_context": staticmethod(setup),

@@ -446,8 +446,8 @@ def test_torch_func_grad_jvp_and_vmap_of_the_products(gen):
 
 
 def test_torch_func_vmap_dims_and_refusals(gen):
-    """vmap through the eager products at a batch dimension other than 0 and over the weights'
-    values (per-sample weights), against a loop; eager training keeps the cheaper classic
+    """vmap through the eager products at a batch dimension other than 0, over the weights'
+    values (per-sample weights), against a loop, and over an empty batch; eager training keeps the cheaper classic
     Function; where the registered ops run (a dispatch mode here) forward-mode AD is refused
     instead of the silent zero tangent it got; functionalize over vmap keeps working."""
     from torch.func import functionalize, jvp, vmap
@@ -468,6 +468,7 @@ def test_torch_func_vmap_dims_and_refusals(gen):
     out = vmap(product, in_dims=(None, 0), out_dims=1)(x0, vs)
     for i in range(2):
         assert_close(out[:, i], product(x0, vs[i]), torch.float64)
+    assert vmap(product, in_dims=(0, None))(xs[:0], v0).shape == (0, 3, Mp)  # no sample
     assert type(product(x, values).grad_fn).__name__ == "_DdsFunctionBackward"
     assert type(ops.sdd_call(x, x, *topo, 4, 4, "cpu").grad_fn).__name__ == \
         "_SddFunctionBackward"
