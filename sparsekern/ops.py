@@ -403,6 +403,13 @@ def _dds_saved(inputs, output) -> tuple:
     return (a, values, *topo, *extra)
 
 
+def _dds_unsaved(ctx) -> tuple:
+    """_dds_saved back from ctx: (a, values, topology list, the ReLU output or mask or None)."""
+    a, values, *topo = ctx.saved_tensors
+    extra = topo.pop() if (ctx.relu or ctx.masked) else None
+    return a, values, topo, extra
+
+
 def _dds_setup_context(ctx, inputs, output):
     a, values, *topo, n_rows, n_cols, trans_w, backend, conv, bias, relu, relu_mask = inputs
     ctx.save_for_backward(*_dds_saved(inputs, output))
@@ -415,8 +422,7 @@ def _dds_setup_context(ctx, inputs, output):
 
 
 def _dds_backward(ctx, grad):
-    a, values, *topo = ctx.saved_tensors
-    extra = topo.pop() if (ctx.relu or ctx.masked) else None
+    a, values, topo, extra = _dds_unsaved(ctx)
     n_rows, n_cols, trans_w, backend = ctx.meta
     n_inputs = len(ctx.needs_input_grad)
     want_a, want_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -489,8 +495,7 @@ def _dds_jvp(ctx, t_a, t_values, *tangents):
     """The tangent of dds: products of each input's tangent with the other operand (the mask of
     a masked product applies to both; a fused ReLU passes the tangent where its output is
     positive), plus the bias's tangent."""
-    a, values, *topo = ctx.saved_tensors
-    extra = topo.pop() if (ctx.relu or ctx.masked) else None
+    a, values, topo, extra = _dds_unsaved(ctx)
     n_rows, n_cols, trans_w, backend = ctx.meta
     mask = extra if ctx.masked else None
     t_bias = tangents[11]  # input 13
@@ -614,30 +619,30 @@ def _check_no_tangent() -> None:
 _JVP = torch._C._functorch.TransformType.Jvp
 
 
+def _call(args: tuple, registered, transform, eager, impl) -> Tensor:
+    """The route of an eager product call (dds_call / sdd_call): the registered op where a tracer
+    may watch, the transform Function under torch.func or forward-mode AD, the classic Function
+    while grad mode records, else the implementation alone."""
+    if _use_registered_ops(args[0]):
+        if _under_transform():
+            return transform.apply(*args)
+        _check_no_tangent()
+        return registered(*args)
+    if forward_ad._current_level >= 0:  # forward-mode AD may be on (it ignores grad mode)
+        return transform.apply(*args)
+    return eager.apply(*args) if torch.is_grad_enabled() else impl(*args)
+
+
 def dds_call(a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
              trans_w, backend="auto", conv=None, bias=None, relu=False, relu_mask=None) -> Tensor:
     """ops.dds with the same arguments and result; the fast path in eager mode."""
-    args = (a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows, n_cols,
-            trans_w, backend, conv, bias, relu, relu_mask)
-    if _use_registered_ops(a):
-        if _under_transform():
-            return _DdsTransformFunction.apply(*args)
-        _check_no_tangent()
-        return dds(*args)
-    if forward_ad._current_level >= 0:  # forward-mode AD may be on (it ignores grad mode)
-        return _DdsTransformFunction.apply(*args)
-    return _DdsFunction.apply(*args) if torch.is_grad_enabled() else _dds_impl(*args)
+    return _call((a, values, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, n_rows,
+                  n_cols, trans_w, backend, conv, bias, relu, relu_mask),
+                 dds, _DdsTransformFunction, _DdsFunction, _dds_impl)
 
 
 def sdd_call(a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
              backend="auto", conv=None) -> Tensor:
     """ops.sdd with the same arguments and result; the fast path in eager mode."""
-    args = (a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk, backend, conv)
-    if _use_registered_ops(a):
-        if _under_transform():
-            return _SddTransformFunction.apply(*args)
-        _check_no_tangent()
-        return sdd(*args)
-    if forward_ad._current_level >= 0:
-        return _SddTransformFunction.apply(*args)
-    return _SddFunction.apply(*args) if torch.is_grad_enabled() else _sdd_impl(*args)
+    return _call((a, b, row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm, bm, bk,
+                  backend, conv), sdd, _SddTransformFunction, _SddFunction, _sdd_impl)
