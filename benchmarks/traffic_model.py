@@ -10,6 +10,10 @@ Two models:
   y = x @ W^T moves about 1/bm + 1/BLOCK_R bytes per FLOP (bf16). bench_triton_gpu divides
   these by the measured times (the "TB/s" columns): a kernel at the same TB/s at every
   sparsity is bandwidth-bound.
+- `ceilings`: the most a random block pattern can gain over dense at a given L2 -> SM
+  bandwidth, at the kernels' tiles and with unbounded ones (x's traffic alone: a stored block's
+  x slice serves only its block's bm output features, so 1/bm bytes per FLOP however the
+  kernel tiles). Sets what the issue's speedup targets would ask of the L2.
 - `l2_reads`: an LRU model of the L2 under dds's two program orders (kernels._program_tile),
   counting the bytes that miss it (read from memory): why ops._line_major picks line-major
   while W is small.
@@ -46,6 +50,35 @@ def product_bytes(product: str, nnz: int, batch: int, bm: int, bk: int, n_rows: 
 
 def product_flops(nnz: int, batch: int, bm: int, bk: int) -> int:
     return 2 * nnz * bm * bk * batch
+
+
+def ceilings(bm: int, bk: int, sparsity: float, tbs: float, dense_us: float,
+             dense_fb_us: float, n: int = 4096, batch: int = 4096, block_r: int = 256) -> dict:
+    """Floors (us) of the forward (x @ W^T) and forward+backward (+ dy @ W, dy^T @ x) for a
+    W [n, n] of bm x bk blocks at `sparsity`, bf16, if every product ran at `tbs` TB/s through
+    the L2, and the speedups over dense's measured times they would allow:
+        "fwd_us", "x_dense": at the kernels' tiles (BLOCK_R rows; sdd's GROUP 4)
+        "fwd_unbounded_us", "x_dense_unbounded": tiles of any size, reads of the operand that
+            is re-read per stored block alone (x: 1/bm bytes per FLOP; dy in dy @ W: 1/bk;
+            sdd shares the wider of the two and re-reads the other: 1/max(bm, bk))
+        "fb_us", "x_dense_fb", "fb_unbounded_us", "x_dense_fb_unbounded": the same for the
+            three products together."""
+    nnz = round((1 - sparsity) * (n // bm) * (n // bk))
+    flops = product_flops(nnz, batch, bm, bk)
+    at = {p: product_bytes(p, nnz, batch, bm, bk, n, n, block_r=block_r,
+                           group=4 if p == "sdd" else 1) for p in ("nt", "nn", "sdd")}
+    # 2 bytes per element and 2 FLOP per multiply-add: bytes/FLOP is 1/(the re-read operand's
+    # reuse)
+    unbounded = {"nt": flops / bm, "nn": flops / bk, "sdd": flops / max(bm, bk)}
+
+    def us(moved):
+        return moved / tbs / 1e6
+
+    fwd, fb = us(at["nt"]), us(sum(at.values()))
+    fwd_u, fb_u = us(unbounded["nt"]), us(sum(unbounded.values()))
+    return {"fwd_us": fwd, "x_dense": dense_us / fwd, "fwd_unbounded_us": fwd_u,
+            "x_dense_unbounded": dense_us / fwd_u, "fb_us": fb, "x_dense_fb": dense_fb_us / fb,
+            "fb_unbounded_us": fb_u, "x_dense_fb_unbounded": dense_fb_us / fb_u}
 
 
 def random_rows(n_lines: int, n_blocks: int, density: float, rng: random.Random) -> list:
@@ -99,6 +132,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tbs", type=float, default=5.5,
                         help="L2 -> SM bandwidth to price the traffic at, TB/s")
+    parser.add_argument("--dense-us", type=float, default=165,
+                        help="dense x @ W^T's time, us (H100, 2026-11-28: 0.165 ms)")
+    parser.add_argument("--dense-fb-us", type=float, default=498,
+                        help="dense forward+backward's time, us (H100, 2026-11-28: 0.498 ms)")
     args = parser.parse_args(argv)
 
     print("y = x @ W^T, bf16, BLOCK_R 128 (sdd: GROUP 1), 4096x4096 W, batch 4096:")
@@ -112,6 +149,20 @@ def main(argv=None) -> int:
                 flops = product_flops(nnz, 4096, blk, blk)
                 print(f"{blk:>6} {sparsity:>8.2f} {product:>7} {moved / 1e6:7.0f} "
                       f"{flops / moved:6.1f} {moved / args.tbs / 1e6:22.1f}")
+
+    print(f"\nCeilings at {args.tbs} TB/s against dense ({args.dense_us:g} us forward, "
+          f"{args.dense_fb_us:g} us forward+backward), 4096x4096 W, batch 4096, bf16: the "
+          f"kernels' tiles (BLOCK_R 256, sdd GROUP 4) / unbounded tiles")
+    print(f"{'block':>8} {'sparsity':>8} {'fwd us':>14} {'x dense':>13} {'f+b us':>14} "
+          f"{'x dense f+b':>13}")
+    for bm, bk in ((32, 32), (64, 64), (128, 128), (128, 32), (128, 64)):
+        for sparsity in (0.9, 0.95, 0.99):
+            c = ceilings(bm, bk, sparsity, args.tbs, args.dense_us, args.dense_fb_us)
+            pair = [("fwd_us", "fwd_unbounded_us", "6.0f"),
+                    ("x_dense", "x_dense_unbounded", "5.1f"), ("fb_us", "fb_unbounded_us", "6.0f"),
+                    ("x_dense_fb", "x_dense_fb_unbounded", "5.1f")]
+            cells = [f"{c[a]:{fmt}} /{c[b]:{fmt}}" for a, b, fmt in pair]
+            print(f"{f'{bm}x{bk}':>8} {sparsity:>8.2f} " + " ".join(cells))
 
     print("\nL2 LRU model, dds_nt, batch 4096, 64x64 blocks: MB read from memory "
           "(tile-major -> line-major)")

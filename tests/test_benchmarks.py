@@ -27,7 +27,7 @@ def test_bench_conv_row():
     assert row["format"] == "channels_last" and row["sparse_fwd"] > 0
 
 
-def test_traffic_model():
+def test_traffic_model(capsys):
     """benchmarks/traffic_model.py: bytes per product by hand on a tiny case, the bandwidth
     bound's independence of sparsity, and the L2 model's program orders."""
     import traffic_model as tm
@@ -49,3 +49,19 @@ def test_traffic_model():
     large = [tm.l2_reads(order, n=512, batch=512, blk=64, density=0.25, block_r=64, l2_mb=64,
                          in_flight=16) for order in (False, True)]
     assert large[0] == large[1] and large[0][0] < small[1]
+    # ceilings: unbounded tiles re-read only x (1/bm bytes per FLOP) in the forward, so
+    # 64x64 at 90% (410 blocks, 13.8 GFLOP) at 1 TB/s takes 13.8e9 / 64 bytes: 215 us; the
+    # kernels' tiles move more, and a sparser W gains more
+    c = tm.ceilings(64, 64, 0.9, tbs=1.0, dense_us=430, dense_fb_us=1000)
+    flops = 2 * 410 * 64 * 64 * 4096
+    assert abs(c["fwd_unbounded_us"] - flops / 64 / 1e6) < 1e-6
+    assert abs(c["x_dense_unbounded"] - 430 / (flops / 64 / 1e6)) < 1e-9
+    assert abs(c["fb_unbounded_us"] - 3 * flops / 64 / 1e6) < 1e-6
+    assert c["fwd_us"] > c["fwd_unbounded_us"] and c["fb_us"] > c["fb_unbounded_us"]
+    assert tm.ceilings(64, 64, 0.99, 1.0, 430, 1000)["x_dense"] > c["x_dense"]
+    # tall blocks: x's slice serves bm = 128 outputs, dy's (dy @ W) bk = 32 inputs
+    tall = tm.ceilings(128, 32, 0.9, 1.0, 430, 1000)
+    flops = 2 * 410 * 128 * 32 * 4096
+    assert abs(tall["fwd_unbounded_us"] - flops / 128 / 1e6) < 1e-6
+    assert abs(tall["fb_unbounded_us"] - flops * (1 / 128 + 1 / 32 + 1 / 128) / 1e6) < 1e-6
+    assert tm.main([]) == 0 and "Ceilings at 5.5 TB/s" in capsys.readouterr().out
