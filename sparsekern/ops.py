@@ -26,6 +26,7 @@ an NCHW path get NHWC rows (converted here). The autograd below is the same for 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Optional
 
 import torch
@@ -544,25 +545,61 @@ _DdsFunction = _eager_function("_DdsFunction", _dds_impl, _dds_setup_context, _d
 _SddFunction = _eager_function("_SddFunction", _sdd_impl, _sdd_setup_context, _sdd_backward)
 
 
+def _vmap_rule(call, batch_size: int, in_dims: tuple, args: tuple) -> tuple[Tensor, int]:
+    """(call's output batched at dim 0, 0) over `batch_size` samples of args batched at in_dims
+    (None: shared), for vmap. dds with only a (and relu_mask) batched, as in per-sample
+    gradients or Jacobians over x, makes one call with the samples stacked along a's rows
+    (conv: its images); anything else (batched weights, sdd's per-sample reductions) makes one
+    call per sample, what PyTorch does for an op without a batching rule."""
+    def sample(pick):  # the arguments of one sample: pick(tensor, its batch dim)
+        return [pick(a, d) if isinstance(a, Tensor) and d is not None else a
+                for a, d in zip(args, in_dims)]
+    if batch_size == 0:  # no sample: one of zeros gives the output's shape
+        out = call(*sample(lambda a, d: a.new_zeros(a.shape[:d] + a.shape[d + 1:])))
+        return out.new_empty((0, *out.shape)), 0
+    if not _stackable(args, in_dims):
+        return torch.stack([call(*sample(lambda a, d: a.select(d, i)))
+                            for i in range(batch_size)]), 0
+    stacked = list(args)
+    for i in (0, _RELU_MASK):
+        t, d = args[i], in_dims[i]
+        if t is not None:  # [samples, rows, ...] -> [samples * rows, ...]
+            t = t.movedim(d, 0) if d is not None else t.expand(batch_size, *t.shape)
+            stacked[i] = t.reshape(-1, *t.shape[2:])
+    if args[_CONV]:  # conv's images: N -> samples * N
+        stacked[_CONV] = [batch_size * args[_CONV][0], *args[_CONV][1:]]
+    out = call(*stacked)
+    return out.reshape(batch_size, out.shape[0] // batch_size, *out.shape[1:]), 0
+
+
+_DDS_ARGS, _CONV, _RELU_MASK = 16, 12, 15  # dds's argument count and positions
+
+
+def _stackable(args: tuple, in_dims: tuple) -> bool:
+    """A dds whose samples differ in a and relu_mask alone, each sample's a at least 2-D and
+    the mask (if any) of its shape: else the checks of one sample's call say what is wrong."""
+    def shared(d):  # in_dims of a list argument (conv) is a list of Nones
+        return d is None or isinstance(d, (list, tuple)) and all(map(shared, d))
+    if len(args) != _DDS_ARGS or not all(shared(d) for i, d in enumerate(in_dims)
+                                         if i not in (0, _RELU_MASK)):
+        return False
+    def one(i):  # argument i's shape in one sample
+        shape = args[i].shape
+        return shape if in_dims[i] is None else shape[:in_dims[i]] + shape[in_dims[i] + 1:]
+    return len(one(0)) >= 2 and (args[_RELU_MASK] is None or one(_RELU_MASK) == one(0))
+
+
 def _transform_function(name: str, impl, saved, setup_context, backward, jvp) -> type:
     """The same for torch.func transforms (grad, vjp, jacrev, jvp, jacfwd, vmap and their
     compositions) and forward-mode AD: the registered ops' autograd (register_autograd) cannot
     run under the grad transforms (pytorch#179652), and under jvp it dropped the tangent.
-    setup_context apart from forward, as the transforms need; a jvp; vmap one sample at a time
-    (what PyTorch does for an op without a batching rule)."""
+    setup_context apart from forward, as the transforms need; a jvp; vmap by `_vmap_rule`."""
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
         ctx.save_for_forward(*saved(inputs, output))
 
     def vmap(info, in_dims, *args):
-        def sample(pick):  # the arguments of one sample: pick(tensor, its batch dim)
-            return [pick(a, d) if isinstance(a, Tensor) and d is not None else a
-                    for a, d in zip(args, in_dims)]
-        if info.batch_size == 0:  # no sample: one of zeros gives the output's shape
-            out = function.apply(*sample(lambda a, d: a.new_zeros(a.shape[:d] + a.shape[d + 1:])))
-            return out.new_empty((0, *out.shape)), 0
-        return torch.stack([function.apply(*sample(lambda a, d: a.select(d, i)))
-                            for i in range(info.batch_size)]), 0
+        return _vmap_rule(function.apply, info.batch_size, in_dims, args)
 
     function = type(name, (torch.autograd.Function,), {
         "forward": staticmethod(lambda *args: impl(*args)), "setup_context": staticmethod(setup),
@@ -575,6 +612,22 @@ _DdsTransformFunction = _transform_function("_DdsTransformFunction", _dds_impl, 
                                             _dds_setup_context, _dds_backward, _dds_jvp)
 _SddTransformFunction = _transform_function("_SddTransformFunction", _sdd_impl, _sdd_saved,
                                             _sdd_setup_context, _sdd_backward, _sdd_jvp)
+
+
+def _register_vmap(op, impl) -> None:
+    """The registered op's batching rule (vmap where the registered ops run, as under
+    functionalize, and of torch.ops.sparsekern.* called directly): `_vmap_rule` over its
+    arguments in order, keyword ones (never batched) and defaults included."""
+    params = list(inspect.signature(impl).parameters.values())
+
+    def rule(info, in_dims, *args, **kwargs):
+        rest = [kwargs.get(p.name, p.default) for p in params[len(args):]]
+        return _vmap_rule(op, info.batch_size, (*in_dims, *[None] * len(rest)), (*args, *rest))
+    op.register_vmap(rule)
+
+
+_register_vmap(dds, _dds_impl)
+_register_vmap(sdd, _sdd_impl)
 
 
 def _use_registered_ops(a: Tensor) -> bool:

@@ -442,6 +442,27 @@ def test_conv_forward_ad_and_batched_gradcheck(layout, gen):
         lambda a, b: ops.sdd_call(a, b, *topo, bm, bk, "cpu", conv), (dy, x), **checks)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_conv_vmap_stacks_the_images(layout, backend_spy, gen):
+    """vmap of the conv products over x (dy) stacks the samples' images into one call (N ->
+    samples * N), in every layout, as a loop; a strided geometry, so dy @ W's grad input too."""
+    from torch.func import vmap
+
+    m, conv, x, dy, values = _conv_op_inputs(GRAD_GEOMETRIES[0], gen, layout=layout)
+    Mp, Kp = m.padded_shape
+    topo = m.topology()
+    v0 = values.detach()
+    for trans_w, a in ((True, x.detach()), (False, dy.detach())):
+        def product(t):
+            return ops.dds_call(t, v0, *topo, Mp, Kp, trans_w, "cpu", conv)
+        samples = [a, -2 * a, a.flip(0)]
+        backend_spy.calls.clear()
+        out = vmap(product)(torch.stack(samples))
+        assert backend_spy.calls == [("cpu", "dds")]
+        for i, sample in enumerate(samples):
+            assert_close(out[i], product(sample))
+
+
 def test_conv_torch_func_channels_last():
     """torch.func through a strided SparseConv2d on channels_last input: jacfwd (vmap over jvp,
     the layout helpers taking batched tangents as NCHW) as jacrev, and vmap over a batch at

@@ -478,6 +478,68 @@ def test_torch_func_vmap_dims_and_refusals(gen):
                  vmap(lambda a: product(a, v0))(xs.transpose(0, 1)), torch.float64)
 
 
+def test_vmap_stacks_the_samples_of_dds(backend_spy, gen):
+    """vmap of dds over x (or dy and its ReLU mask) alone makes one call on the samples stacked
+    along the rows, not one per sample: the forward and dy @ W of per-sample gradients; sdd's
+    per-sample reductions and batched weights stay one call per sample. Through the eager
+    products and the registered op (functionalize keeps it; called with keywords), against a
+    loop; samples the op refuses get its own message."""
+    from torch.func import functionalize, grad, vmap
+
+    m, values, x, dy = _grad_inputs((4, 4), "sparse", (3, 3), gen, batch=3)
+    Mp, Kp, _, _ = _sizes(m)
+    topo = m.topology()
+    v0, x0, dy0 = values.detach(), x.detach(), dy.detach()
+    xs = torch.stack([x0, 2 * x0, -x0, x0.flip(0)], dim=1)  # [3, 4 samples, Kp]
+    dys = torch.stack([dy0, -dy0, 0.5 * dy0, dy0.flip(0)])
+    masks = (dys > 0.3).to(dys.dtype)
+
+    def nt(a, v=v0):
+        return ops.dds_call(a, v, *topo, Mp, Kp, True, "cpu", None, None, True)
+
+    def nn_masked(a, mask):
+        return ops.dds_call(a, v0, *topo, Mp, Kp, False, "cpu", None, None, False, mask)
+
+    for fn, in_dims, args, expected in (
+            (nt, (1,), (xs,), [nt(xs[:, i]) for i in range(4)]),
+            (nn_masked, (0, 0), (dys, masks), [nn_masked(dys[i], masks[i]) for i in range(4)]),
+            (nn_masked, (0, None), (dys, masks[0]),
+             [nn_masked(dys[i], masks[0]) for i in range(4)]),
+            (nn_masked, (None, 0), (dy0, masks), [nn_masked(dy0, masks[i]) for i in range(4)])):
+        backend_spy.calls.clear()
+        out = vmap(fn, in_dims=in_dims)(*args)
+        assert backend_spy.calls == [("cpu", "dds")]
+        assert_close(out, torch.stack(expected), torch.float64)
+    # registered op: functionalize keeps it under vmap; relu and backend as keywords
+    registered = lambda a: ops.dds(a, v0, *topo, Mp, Kp, True, relu=True,  # noqa: E731
+                                   backend="cpu")
+    backend_spy.calls.clear()
+    out = functionalize(vmap(registered, in_dims=1))(xs)
+    assert backend_spy.calls == [("cpu", "dds")]
+    assert_close(out, vmap(nt, in_dims=1)(xs), torch.float64)
+    # per-sample gradients: forward and dy @ W stacked, sdd once per sample
+    loss = lambda v, a: nt(a.unsqueeze(0), v).square().sum()  # noqa: E731
+    backend_spy.calls.clear()
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(v0, x0)
+    assert sorted(backend_spy.calls) == [("cpu", "dds")] * 1 + [("cpu", "sdd")] * 3
+    for i in range(3):
+        assert_close(per_sample[i], grad(loss)(v0, x0[i]), torch.float64)
+    # batched weights, and sdd under the registered op: one call per sample
+    vs = torch.stack([v0, -v0])
+    backend_spy.calls.clear()
+    out = vmap(nt, in_dims=(None, 0))(x0, vs)
+    assert backend_spy.calls == [("cpu", "dds")] * 2
+    assert_close(out[1], nt(x0, -v0), torch.float64)
+    sdd = lambda a, b: ops.sdd(a, b, *topo, 4, 4, "cpu")  # noqa: E731
+    out = vmap(sdd)(dys[:2], torch.stack([x0, 3 * x0]))
+    assert_close(out[1], sdd(dys[1], 3 * x0), torch.float64)
+    # samples the op refuses: a 1-D x, a mask of another shape
+    with pytest.raises(ValueError, match="input"):
+        vmap(nt)(x0)
+    with pytest.raises(ValueError, match="relu_mask must have"):
+        vmap(nn_masked)(dys, masks[:, :2])
+
+
 def test_opcheck_dds_with_relu(gen):
     m = make_matrix((8, 8), "sparse", torch.float32, grid=(3, 4))
     Mp, Kp, _, _ = _sizes(m)

@@ -410,6 +410,27 @@ def test_sparse_linear_autograd_and_empty_batch(gen):
     assert_close(layer.bias.grad.cpu(), dense.bias.grad.cpu())
 
 
+def test_per_sample_gradients(gen, backend_spy):
+    """torch.func's per-sample gradients (vmap of grad) through the Triton kernels: the forward
+    and dy @ W stacked into one launch for all samples, sdd one per sample; against a loop."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = SparseLinear(48, 40, block_size=(16, 16), density=0.5, dtype=torch.float64).to(DEVICE)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = randn(3, 48, generator=gen).to(DEVICE).requires_grad_()
+
+    def loss(p, xi):
+        return functional_call(layer, p, (xi.unsqueeze(0),)).sin().sum()
+    with sparsekern.backend("triton"):
+        per_sample = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, 0))(params, x.detach())
+        assert sorted(backend_spy.calls) == [("triton", "dds")] * 2 + [("triton", "sdd")] * 3
+        for i in range(3):
+            one = grad(loss, argnums=(0, 1))(params, x.detach()[i])
+            assert_close(per_sample[1][i].cpu(), one[1].cpu())
+            for name in params:
+                assert_close(per_sample[0][name][i].cpu(), one[0][name].cpu())
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_fused_bias_and_relu(channels_last, gen):
     """Bias and ReLU in dds_nt's epilogue, the ReLU's backward in dds_nn's loads: the layer
