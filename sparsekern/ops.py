@@ -55,7 +55,7 @@ CONV_FIELDS = ("N", "H", "W", "C", "R", "S", "stride_h", "stride_w", "pad_h", "p
 
 def conv_geometry(x_shape, kernel_size, stride, padding, dilation) -> list[int]:
     """The conv argument of the ops for an input of shape [N, C, H, W]."""
-    N, C, H, W = (int(v) for v in x_shape)
+    N, C, H, W = x_shape  # a symbolic N stays one (a dynamic batch under export / compile)
     (R, S), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     P = (H + 2 * ph - dh * (R - 1) - 1) // sh + 1
     Q = (W + 2 * pw - dw * (S - 1) - 1) // sw + 1

@@ -534,6 +534,39 @@ def test_torch_compile_fused_relu_matches_eager():
     torch.testing.assert_close(dx_comp, grads_eager[0], rtol=1e-5, atol=1e-5)
 
 
+def test_dynamic_batch_under_export_and_compile():
+    """A conv + linear model with a dynamic batch: torch.export (saved and loaded back) and
+    torch.compile(dynamic=True) run other batch sizes as eager does, with one compiled frame
+    (the conv geometry's batch size used to be made a Python int, which specialized it)."""
+    import torch._dynamo.testing
+
+    torch.manual_seed(17)
+    model = nn.Sequential(
+        sparsekern.SparseConv2d(4, 8, 3, padding=1, stride=2, block_size=(4, 4), density=0.5),
+        nn.ReLU(), nn.Flatten(), SparseLinear(8 * 3 * 3, 10, block_size=(2, 4), density=0.5))
+    exported = torch.export.export(model, (torch.randn(3, 4, 6, 6),),
+                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, dynamic=True, fullgraph=True)
+    for n in (2, 5, 9):
+        x = torch.randn(n, 4, 6, 6)
+        expected = model(x)
+        assert_close(exported.module()(x), expected)
+        assert_close(loaded(x), expected)
+        xc = x.clone().requires_grad_()
+        y = compiled(xc)
+        assert_close(y, expected)
+        (dx,) = torch.autograd.grad(y.sum(), [xc])
+        xe = x.clone().requires_grad_()
+        assert_close(dx, torch.autograd.grad(model(xe).sum(), [xe])[0])
+    assert counter.frame_count == 1
+
+
 def test_torch_compile_backward_follows_backend_scope(backend_spy):
     # no compile caches: a cached graph traced under another scope would change the first half.
     # (config.patch, not monkeypatch: monkeypatch's undo deleted the functorch setting, and
