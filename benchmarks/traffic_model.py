@@ -3,7 +3,7 @@ targets ask of the memory system.
 
     python benchmarks/traffic_model.py [--tbs 5.5]
 
-Two models:
+Three models:
 - `product_bytes`: bytes one product reads and writes through the L2 at a given tile shape.
   Every stored block of W reads its whole batch x block-width slice of the dense operand, so
   for a random block pattern the traffic per FLOP is fixed by the block shape, not the sparsity:
@@ -12,8 +12,9 @@ Two models:
   sparsity is bandwidth-bound.
 - `ceilings`: the most a random block pattern can gain over dense at a given L2 -> SM
   bandwidth, at the kernels' tiles and with unbounded ones (x's traffic alone: a stored block's
-  x slice serves only its block's bm output features, so 1/bm bytes per FLOP however the
-  kernel tiles). Sets what the issue's speedup targets would ask of the L2.
+  x slice serves only its block's bm output features, so 1/bm bytes per FLOP for a program
+  over one block row, whatever its batch tile; tiles over several block rows share little of
+  x in a random pattern). What the issue's speedup targets would ask of the L2.
 - `l2_reads`: an LRU model of the L2 under dds's two program orders (kernels._program_tile),
   counting the bytes that miss it (read from memory): why ops._line_major picks line-major
   while W is small.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import operator
 from typing import Optional
 
 import torch
@@ -55,7 +56,10 @@ CONV_FIELDS = ("N", "H", "W", "C", "R", "S", "stride_h", "stride_w", "pad_h", "p
 
 def conv_geometry(x_shape, kernel_size, stride, padding, dilation) -> list[int]:
     """The conv argument of the ops for an input of shape [N, C, H, W]."""
-    N, C, H, W = x_shape  # a symbolic N stays one (a dynamic batch under export / compile)
+    # a symbolic size stays one (a dynamic batch under export / compile); others become ints
+    # (Dynamo takes a SymInt for an int)
+    N, C, H, W = (v if isinstance(v, (int, torch.SymInt)) else operator.index(v)
+                  for v in x_shape)
     (R, S), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     P = (H + 2 * ph - dh * (R - 1) - 1) // sh + 1
     Q = (W + 2 * pw - dw * (S - 1) - 1) // sw + 1
@@ -568,7 +572,11 @@ def _vmap_rule(call, batch_size: int, in_dims: tuple, args: tuple) -> tuple[Tens
             stacked[i] = t.reshape(-1, *t.shape[2:])
     if args[_CONV]:  # conv's images: N -> samples * N
         stacked[_CONV] = [batch_size * args[_CONV][0], *args[_CONV][1:]]
-    out = call(*stacked)
+    try:
+        out = call(*stacked)
+    except (ValueError, TypeError):  # say it of one sample's shapes, not the stacked ones
+        call(*sample(lambda a, d: a.select(d, 0)))
+        raise
     return out.reshape(batch_size, out.shape[0] // batch_size, *out.shape[1:]), 0
 
 
@@ -661,7 +669,8 @@ def _check_no_tangent() -> None:
     refuse a forward-AD level or a jvp transform there (under torch.compile, a dispatch mode,
     functionalize) rather than drop the tangent, as they did, silently, with a zero."""
     if forward_ad._current_level >= 0 or (
-            torch._C._are_functorch_transforms_active() and _JVP in [
+            not torch.compiler.is_compiling()  # (Dynamo cannot trace the stack's query)
+            and torch._C._are_functorch_transforms_active() and _JVP in [
                 i.key() for i in torch._C._functorch.get_interpreter_stack()]):
         raise NotImplementedError(
             "forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) through "

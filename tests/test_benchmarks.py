@@ -64,4 +64,11 @@ def test_traffic_model(capsys):
     flops = 2 * 410 * 128 * 32 * 4096
     assert abs(tall["fwd_unbounded_us"] - flops / 128 / 1e6) < 1e-6
     assert abs(tall["fb_unbounded_us"] - flops * (1 / 128 + 1 / 32 + 1 / 128) / 1e6) < 1e-6
+    # RESULTS.md's figures: the TB/s each target needs against the H100's dense times
+    def needs(bm, sparsity, target, key):
+        return round(target / tm.ceilings(bm, bm, sparsity, 1.0, 165, 498)[key], 1)
+    assert needs(64, 0.9, 6, "x_dense_unbounded") == 7.8
+    assert needs(32, 0.9, 4, "x_dense_unbounded") == 10.4
+    assert needs(64, 0.9, 4, "x_dense_fb") == 7.0
+    assert needs(64, 0.9, 4, "x_dense_fb_unbounded") == 5.2
     assert tm.main([]) == 0 and "Ceilings at 5.5 TB/s" in capsys.readouterr().out

@@ -388,6 +388,13 @@ def test_conv_geometry_follows_the_formula():
         [2, 9, 8, 3, 3, 2, 2, 1, 1, 0, 2, 1, 4, 7]
     x = torch.randn(2, 3, 9, 8)
     assert F.conv2d(x, torch.randn(1, 3, 3, 2), None, (2, 1), (1, 0), (2, 1)).shape[-2:] == (4, 7)
+    import numpy as np  # sizes of other integer types come back as Python ints
+    for shape in (np.array([2, 3, 9, 8]), torch.tensor([2, 3, 9, 8])):
+        geometry = ops.conv_geometry(shape, (3, 2), (2, 1), (1, 0), (2, 1))
+        assert geometry == [2, 9, 8, 3, 3, 2, 2, 1, 1, 0, 2, 1, 4, 7]
+        assert all(type(v) is int for v in geometry)
+    with pytest.raises(TypeError):
+        ops.conv_geometry((2.0, 3, 9, 8), (3, 2), (2, 1), (1, 0), (2, 1))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -461,6 +468,34 @@ def test_conv_vmap_stacks_the_images(layout, backend_spy, gen):
         assert backend_spy.calls == [("cpu", "dds")]
         for i, sample in enumerate(samples):
             assert_close(out[i], product(sample))
+    # with bias and the fused ReLU, samples at dimension 1; dy @ W with a ReLU mask, batched
+    # with dy or shared
+    bias = torch.randn(Mp, dtype=torch.float64)
+    def nt(t):
+        return ops.dds_call(t, v0, *topo, Mp, Kp, True, "cpu", conv, bias, True)
+    def nn_masked(t, mask):
+        return ops.dds_call(t, v0, *topo, Mp, Kp, False, "cpu", conv, None, False, mask)
+    xs = torch.stack([x.detach(), x.detach().flip(0)], dim=1)
+    dys = torch.stack([dy.detach(), -dy.detach()])
+    masks = (dys > 0).to(dys.dtype)
+    if layout == "cl":
+        masks = torch.stack([m.contiguous(memory_format=torch.channels_last) for m in masks])
+    for fn, in_dims, args, expected in (
+            (nt, (1,), (xs,), [nt(xs[:, i]) for i in range(2)]),
+            (nn_masked, (0, 0), (dys, masks), [nn_masked(dys[i], masks[i]) for i in range(2)]),
+            (nn_masked, (0, None), (dys, masks[1]),
+             [nn_masked(dys[i], masks[1]) for i in range(2)])):
+        backend_spy.calls.clear()
+        out = vmap(fn, in_dims=in_dims)(*args)
+        assert backend_spy.calls == [("cpu", "dds")]
+        for i in range(2):
+            assert_close(out[i], expected[i])
+    # a sample of the wrong shape: the message gives the sample's shape, not the stacked one
+    bad = x.detach()[:-1] if layout == "rows" else x.detach()[:, :-1]
+    with pytest.raises(ValueError, match=rf"{tuple(bad.shape)}".replace("(", r"\(")
+                       .replace(")", r"\)")):
+        vmap(lambda t: ops.dds_call(t, v0, *topo, Mp, Kp, True, "cpu", conv))(
+            torch.stack([bad, bad]))
 
 
 def test_conv_torch_func_channels_last():

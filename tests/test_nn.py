@@ -567,6 +567,24 @@ def test_dynamic_batch_under_export_and_compile():
     assert counter.frame_count == 1
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD uses torch.jit.script
+def test_torch_compile_of_vmap_fullgraph():
+    """torch.compile(vmap(layer), fullgraph=True): the forward-AD refusal's check of the
+    functorch stack broke the graph (Dynamo cannot trace the query); compile(jvp) is still
+    refused."""
+    from torch.func import jvp, vmap
+
+    torch._dynamo.reset()
+    torch.manual_seed(18)
+    layer = SparseLinear(8, 6, block_size=(2, 2), density=0.5)
+    x = torch.randn(3, 5, 8)
+    assert_close(torch.compile(vmap(layer), fullgraph=True, backend="aot_eager")(x),
+                 vmap(layer)(x))
+    with pytest.raises(Exception, match="eager mode only"):
+        torch.compile(lambda a, t: jvp(layer, (a,), (t,)), fullgraph=True,
+                      backend="aot_eager")(x[0], x[1])
+
+
 def test_torch_compile_backward_follows_backend_scope(backend_spy):
     # no compile caches: a cached graph traced under another scope would change the first half.
     # (config.patch, not monkeypatch: monkeypatch's undo deleted the functorch setting, and
