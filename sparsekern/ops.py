@@ -36,6 +36,7 @@ from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from sparsekern import backends
+from sparsekern.bsr import INDEX_DTYPE, transpose_metadata
 
 # ---- native ops (schemas; kernels come from sparsekern._C) ---------------------------------------
 torch.library.define(
@@ -551,10 +552,14 @@ _SddFunction = _eager_function("_SddFunction", _sdd_impl, _sdd_setup_context, _s
 
 def _vmap_rule(call, batch_size: int, in_dims: tuple, args: tuple) -> tuple[Tensor, int]:
     """(call's output batched at dim 0, 0) over `batch_size` samples of args batched at in_dims
-    (None: shared), for vmap. dds with only a (and relu_mask) batched, as in per-sample
-    gradients or Jacobians over x, makes one call with the samples stacked along a's rows
-    (conv: its images); anything else (batched weights, sdd's per-sample reductions) makes one
-    call per sample, what PyTorch does for an op without a batching rule."""
+    (None: shared), for vmap, in one call where it can:
+    - dds with only a (and relu_mask) batched, as in per-sample gradients or Jacobians over x:
+      the samples stacked along a's rows (conv: its images);
+    - linear dds with batched weights (ensembles, Jacobians over W) and linear sdd (the weight
+      gradients of per-sample gradients): the samples side by side along the features, on V
+      copies of the topology (`_side_by_side`);
+    - otherwise (conv with batched weights or sdd) one call per sample, what PyTorch does for
+      an op without a batching rule."""
     def sample(pick):  # the arguments of one sample: pick(tensor, its batch dim)
         return [pick(a, d) if isinstance(a, Tensor) and d is not None else a
                 for a, d in zip(args, in_dims)]
@@ -562,8 +567,16 @@ def _vmap_rule(call, batch_size: int, in_dims: tuple, args: tuple) -> tuple[Tens
         out = call(*sample(lambda a, d: a.new_zeros(a.shape[:d] + a.shape[d + 1:])))
         return out.new_empty((0, *out.shape)), 0
     if not _stackable(args, in_dims):
-        return torch.stack([call(*sample(lambda a, d: a.select(d, i)))
-                            for i in range(batch_size)]), 0
+        apart = _side_by_side(batch_size, in_dims, args)
+        if apart is None:
+            return torch.stack([call(*sample(lambda a, d: a.select(d, i)))
+                                for i in range(batch_size)]), 0
+        stacked, unfold = apart
+        try:
+            return unfold(call(*stacked)), 0
+        except (ValueError, TypeError):  # say it of one sample's shapes, not the stacked ones
+            call(*sample(lambda a, d: a.select(d, 0)))
+            raise
     stacked = list(args)
     for i in (0, _RELU_MASK):
         t, d = args[i], in_dims[i]
@@ -595,6 +608,95 @@ def _stackable(args: tuple, in_dims: tuple) -> bool:
         shape = args[i].shape
         return shape if in_dims[i] is None else shape[:in_dims[i]] + shape[in_dims[i] + 1:]
     return len(one(0)) >= 2 and (args[_RELU_MASK] is None or one(_RELU_MASK) == one(0))
+
+
+def _side_by_side(batch_size: int, in_dims: tuple, args: tuple):
+    """(arguments of one call, its output -> [samples, ...]) for V = batch_size samples of a
+    linear dds or sdd laid side by side: a sample's operand [rows, width] becomes columns
+    v * width.. of one [rows, V * width] operand, and W becomes V copies of its topology, copy
+    v's block rows and/or columns shifted by v where its operand on that side is the sample's
+    own (`_replicated_topology`). Block-diagonal where both sides are; where one is shared
+    (an x for every sample's W) the copies share its columns and it is not copied. None where
+    this does not apply (conv, batched topology or bias, a sample not 2-D)."""
+    dds = len(args) == _DDS_ARGS
+    def shared(d):
+        return d is None or isinstance(d, (list, tuple)) and all(map(shared, d))
+    if args[_CONV if dds else _SDD_CONV] or not all(shared(d) for d in in_dims[2:8]) \
+            or (dds and not shared(in_dims[_BIAS])):
+        return None
+
+    def apart(i):  # argument i [V, rows, width] -> [rows, V * width] (a shared one repeated)
+        t, d = args[i], in_dims[i]
+        t = t.movedim(d, 0) if d is not None else t.expand(batch_size, *t.shape)
+        return None if t.dim() != 3 else t.transpose(0, 1).reshape(t.shape[1], -1)
+
+    row_offsets, col_idx, row_idx, t_offsets = args[2:6]
+    if any(t.dtype != INDEX_DTYPE for t in (row_offsets, col_idx, row_idx, t_offsets)):
+        return None  # (one sample's call says what is wrong)
+    n_br, n_bc = row_offsets.shape[0] - 1, t_offsets.shape[0] - 1  # the topology's grid
+    if dds:
+        a, values, *_, n_rows, n_cols, trans_w, backend, _, bias, relu, mask = args
+        if values.dim() - (in_dims[1] is not None) != 3:
+            return None
+        bm, bk = values.shape[-2:]
+        if (n_rows, n_cols) != (n_br * bm, n_bc * bk):
+            return None
+        a_own = in_dims[0] is not None or mask is not None  # a mask is read alongside a
+        # the output's side always apart; a's side apart where a is each sample's own
+        rows_apart, cols_apart = (True, a_own) if trans_w else (a_own, True)
+        topo, order = _replicated_topology(row_idx, col_idx, n_br, n_bc, batch_size,
+                                           rows_apart, cols_apart)
+        vs = values.movedim(in_dims[1], 0) if in_dims[1] is not None else \
+            values.expand(batch_size, *values.shape)
+        a = apart(0) if a_own else a
+        if a is None or a.dim() != 2 or (mask is not None and apart(_RELU_MASK) is None):
+            return None
+        width = n_rows if trans_w else n_cols
+        call = (a, vs.reshape(-1, bm, bk)[order], *topo,
+                n_rows * (batch_size if rows_apart else 1),
+                n_cols * (batch_size if cols_apart else 1), trans_w, backend, None,
+                None if bias is None else bias.repeat(batch_size), relu,
+                None if mask is None else apart(_RELU_MASK))
+        return call, lambda out: out.reshape(out.shape[0], batch_size, width).movedim(1, 0)
+    a_own, b_own = in_dims[0] is not None, in_dims[1] is not None
+    a = apart(0) if a_own else args[0]
+    b = apart(1) if b_own else args[1]
+    bm, bk, backend = args[8], args[9], args[10]
+    if a is None or b is None or a.dim() != 2 or b.dim() != 2 or (
+            a.shape[1], b.shape[1]) != (n_br * bm * (batch_size if a_own else 1),
+                                        n_bc * bk * (batch_size if b_own else 1)):
+        return None
+    topo, order = _replicated_topology(row_idx, col_idx, n_br, n_bc, batch_size, a_own, b_own)
+    if a_own:  # each copy its own block rows: the blocks are in copy order already
+        return (a, b, *topo, bm, bk, backend, None), \
+            lambda out: out.reshape(batch_size, -1, bm, bk)
+    unordered = torch.argsort(order)  # the copies' blocks back in copy order
+    return ((a, b, *topo, bm, bk, backend, None),
+            lambda out: out[unordered].reshape(batch_size, -1, bm, bk))
+
+
+_BIAS, _SDD_CONV = 13, 11
+
+
+def _replicated_topology(row_idx: Tensor, col_idx: Tensor, n_br: int, n_bc: int, copies: int,
+                         rows_apart: bool, cols_apart: bool) -> tuple[tuple, Tensor]:
+    """(the 6 topology tensors, order) of `copies` copies of a topology of n_br x n_bc blocks,
+    copy v shifted by v * n_br block rows (rows_apart) and / or v * n_bc block columns
+    (cols_apart); order[k]: the copy-major index (v * nnz + p) of the k-th block in the
+    result's block-row order (copies sharing block rows interleave in them)."""
+    nnz = row_idx.shape[0]
+    copy = torch.arange(copies, device=row_idx.device).repeat_interleave(nnz)
+    rows = row_idx.long().repeat(copies) + (copy * n_br if rows_apart else 0)
+    cols = col_idx.long().repeat(copies) + (copy * n_bc if cols_apart else 0)
+    n_br, n_bc = n_br * (copies if rows_apart else 1), n_bc * (copies if cols_apart else 1)
+    order = (torch.arange(copies * nnz, device=row_idx.device) if rows_apart else
+             torch.argsort(rows * n_bc + cols, stable=True))
+    rows, cols = rows[order], cols[order]
+    row_offsets = torch.zeros(n_br + 1, dtype=torch.long, device=row_idx.device)
+    row_offsets[1:] = torch.cumsum(torch.bincount(rows, minlength=n_br), 0)
+    topo = (row_offsets.to(INDEX_DTYPE), cols.to(INDEX_DTYPE), rows.to(INDEX_DTYPE),
+            *transpose_metadata(rows, cols, n_bc))
+    return topo, order
 
 
 def _transform_function(name: str, impl, saved, setup_context, backward, jvp) -> type:

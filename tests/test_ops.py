@@ -480,10 +480,9 @@ def test_torch_func_vmap_dims_and_refusals(gen):
 
 def test_vmap_stacks_the_samples_of_dds(backend_spy, gen):
     """vmap of dds over x (or dy and its ReLU mask) alone makes one call on the samples stacked
-    along the rows, not one per sample: the forward and dy @ W of per-sample gradients; sdd's
-    per-sample reductions and batched weights stay one call per sample. Through the eager
-    products and the registered op (functionalize keeps it; called with keywords), against a
-    loop; samples the op refuses get its own message."""
+    along the rows, not one per sample: the forward and dy @ W of per-sample gradients (their
+    sdd: side by side, the next test). Through the eager products and the registered op
+    (functionalize keeps it; called with keywords), against a loop."""
     from torch.func import functionalize, grad, vmap
 
     m, values, x, dy = _grad_inputs((4, 4), "sparse", (3, 3), gen, batch=3)
@@ -517,22 +516,95 @@ def test_vmap_stacks_the_samples_of_dds(backend_spy, gen):
     out = functionalize(vmap(registered, in_dims=1))(xs)
     assert backend_spy.calls == [("cpu", "dds")]
     assert_close(out, vmap(nt, in_dims=1)(xs), torch.float64)
-    # per-sample gradients: forward and dy @ W stacked, sdd once per sample
+    # per-sample gradients: forward and dy @ W stacked, the samples' sdd side by side
     loss = lambda v, a: nt(a.unsqueeze(0), v).square().sum()  # noqa: E731
     backend_spy.calls.clear()
     per_sample = vmap(grad(loss), in_dims=(None, 0))(v0, x0)
-    assert sorted(backend_spy.calls) == [("cpu", "dds")] * 1 + [("cpu", "sdd")] * 3
+    assert sorted(backend_spy.calls) == [("cpu", "dds"), ("cpu", "sdd")]
     for i in range(3):
         assert_close(per_sample[i], grad(loss)(v0, x0[i]), torch.float64)
-    # batched weights, and sdd under the registered op: one call per sample
-    vs = torch.stack([v0, -v0])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD uses torch.jit.script
+def test_vmap_lays_batched_weights_and_sdd_side_by_side(backend_spy, gen):
+    """vmap of a linear dds with batched weights (ensembles, Jacobians over W), with x shared or
+    batched, either transpose, bias, fused ReLU and ReLU mask, and of sdd with either or both
+    operands batched: one call on the samples side by side over copies of the topology, as a
+    loop; through the eager products and the registered ops; Jacobians over the weights."""
+    from torch.func import functionalize, jacfwd, jacrev, vmap
+
+    # several blocks a row and a column, an empty block row: copies that share block rows
+    # interleave in them
+    mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    m = sparsekern.BlockSparseMatrix.from_block_mask(
+        mask, (2, 3), (6, 12), values=randn(int(mask.sum()), 2, 3, generator=gen))
+    Mp, Kp, bm, bk = _sizes(m)
+    topo = m.topology()
+    v0, x0, dy0 = m.values, randn(5, Kp, generator=gen), randn(5, Mp, generator=gen)
+    V = 3
+    vs = torch.stack([v0, -2 * v0, v0.flip(0)])
+    xs, dys = torch.stack([x0, x0.flip(0), 3 * x0]), torch.stack([dy0, -dy0, dy0.flip(0)])
+    bias = randn(Mp, generator=gen)
+    relu_mask = (dys > 0.2).to(dys.dtype)
+
+    def nt(a, v):
+        return ops.dds_call(a, v, *topo, Mp, Kp, True, "cpu", None, bias, True)
+
+    def nn_masked(a, v, msk):
+        return ops.dds_call(a, v, *topo, Mp, Kp, False, "cpu", None, None, False, msk)
+
+    def sdd(a, b):
+        return ops.sdd_call(a, b, *topo, bm, bk, "cpu")
+
+    def pick(t, d, i):
+        return t if d is None else t.select(d, i)
+
+    for fn, in_dims, args, op in (
+            (nt, (None, 0), (x0, vs), "dds"), (nt, (0, 0), (xs, vs), "dds"),
+            (nt, (None, 1), (x0, vs.movedim(0, 1)), "dds"),
+            (nn_masked, (None, 0, None), (dy0, vs, None), "dds"),
+            (nn_masked, (0, 0, 0), (dys, vs, relu_mask), "dds"),
+            (nn_masked, (None, 0, 0), (dy0, vs, relu_mask), "dds"),
+            (sdd, (0, 0), (dys, xs), "sdd"), (sdd, (0, None), (dys, x0), "sdd"),
+            (sdd, (None, 0), (dy0, xs), "sdd"), (sdd, (1, 0), (dys.movedim(0, 1), xs), "sdd")):
+        backend_spy.calls.clear()
+        out = vmap(fn, in_dims=in_dims)(*args)
+        assert backend_spy.calls == [("cpu", op)], (fn, in_dims)
+        expected = torch.stack([fn(*(pick(t, d, i) if t is not None else None
+                                     for t, d in zip(args, in_dims))) for i in range(V)])
+        assert_close(out, expected, torch.float64)
+    # the registered ops (functionalize keeps them)
     backend_spy.calls.clear()
-    out = vmap(nt, in_dims=(None, 0))(x0, vs)
-    assert backend_spy.calls == [("cpu", "dds")] * 2
-    assert_close(out[1], nt(x0, -v0), torch.float64)
-    sdd = lambda a, b: ops.sdd(a, b, *topo, 4, 4, "cpu")  # noqa: E731
-    out = vmap(sdd)(dys[:2], torch.stack([x0, 3 * x0]))
-    assert_close(out[1], sdd(dys[1], 3 * x0), torch.float64)
+    out = functionalize(vmap(lambda a, b: ops.sdd(a, b, *topo, bm, bk, "cpu")))(dys, xs)
+    assert backend_spy.calls == [("cpu", "sdd")]
+    assert_close(out, vmap(sdd)(dys, xs), torch.float64)
+    out = functionalize(vmap(lambda v: ops.dds(x0, v, *topo, Mp, Kp, True, "cpu")))(vs)
+    assert_close(out[1], ops.dds(x0, vs[1], *topo, Mp, Kp, True, "cpu"), torch.float64)
+    # Jacobians over the weights: jacrev (sdd over batched cotangents) as jacfwd
+    product = lambda v: ops.dds_call(x0, v, *topo, Mp, Kp, True, "cpu")  # noqa: E731
+    assert_close(jacrev(product)(v0), jacfwd(product)(v0), torch.float64)
+    # a sample the op refuses gets its own message
+    with pytest.raises(ValueError, match="t_offsets must be 1-D with 2 elements"):
+        vmap(sdd)(dys, xs[:, :, :3])  # one sample's x: 1 block column (3 samples': 3)
+
+
+def test_vmap_refusals_keep_the_samples_messages(gen):
+    """Samples the op refuses (a 1-D x, a mask of another shape) get the op's message."""
+    from torch.func import vmap
+
+    m, values, x, dy = _grad_inputs((4, 4), "sparse", (3, 3), gen, batch=3)
+    Mp, Kp, _, _ = _sizes(m)
+    topo = m.topology()
+    v0, x0, dy0 = values.detach(), x.detach(), dy.detach()
+    dys = torch.stack([dy0, -dy0])
+    masks = (dys > 0.3).to(dys.dtype)
+
+    def nt(a, v=v0):
+        return ops.dds_call(a, v, *topo, Mp, Kp, True, "cpu", None, None, True)
+
+    def nn_masked(a, mask):
+        return ops.dds_call(a, v0, *topo, Mp, Kp, False, "cpu", None, None, False, mask)
+
     # samples the op refuses: a 1-D x, a mask of another shape
     with pytest.raises(ValueError, match="input"):
         vmap(nt)(x0)
