@@ -35,6 +35,7 @@ class Backend:
     fused_bias = False  # dds(..., bias=) adds the bias itself; if not, ops.py adds it after
     # dds(..., relu=, relu_mask=) applies the ReLU / its backward itself; if not, ops.py does
     fused_relu = False
+    computes_dense = False  # materializes W (or a^T @ b) as a dense matrix
 
     def refuse(self, op: str, a: Tensor, dtype: torch.dtype, trans_w: bool, conv: bool,
                block: tuple[int, int] | None = None) -> str | None:
@@ -105,6 +106,7 @@ class Reference(Backend):
     """Pure PyTorch (reference.py): any device and dtype; materializes the dense matrix."""
 
     name = "reference"
+    computes_dense = True
 
     def refuse(self, op, a, dtype, trans_w, conv, block=None):
         return None

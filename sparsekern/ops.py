@@ -260,7 +260,7 @@ def _dds_impl(a: Tensor, values: Tensor, row_offsets: Tensor, col_idx: Tensor,
     if relu and not trans_w:
         raise ValueError("relu applies to x @ W^T only (trans_w=True)")
     if relu_mask is not None:
-        relu_mask = _relu_mask_like(relu_mask, a, trans_w)
+        relu_mask, a = _relu_mask_like(relu_mask, a, trans_w)
     return _dds_checked(a, values, topo, n_rows, n_cols, trans_w, backend, conv, bias, relu,
                         relu_mask)
 
@@ -295,8 +295,10 @@ def _dds_checked(a, values, topo, n_rows, n_cols, trans_w, backend, conv, bias, 
     return out
 
 
-def _relu_mask_like(relu_mask: Tensor, a: Tensor, trans_w: bool) -> Tensor:
-    """relu_mask checked against a (dy) and laid out as a (the kernels read both alike)."""
+def _relu_mask_like(relu_mask: Tensor, a: Tensor, trans_w: bool) -> tuple[Tensor, Tensor]:
+    """(relu_mask, a): the mask checked against a (dy) and laid out as a (the kernels read both
+    alike); a made dense where it overlaps itself (an expanded view), which no mask can
+    copy."""
     if trans_w:
         raise ValueError("relu_mask applies to dy @ W only (trans_w=False)")
     if relu_mask.shape != a.shape:
@@ -306,8 +308,12 @@ def _relu_mask_like(relu_mask: Tensor, a: Tensor, trans_w: bool) -> Tensor:
         raise TypeError(f"relu_mask is {relu_mask.dtype} on {relu_mask.device}, the grad output "
                         f"{a.dtype} on {a.device}")
     if relu_mask.stride() != a.stride():
-        relu_mask = torch.empty_like(a).copy_(relu_mask)
-    return relu_mask
+        like = torch.empty_like(a)
+        if like.stride() != a.stride():
+            a = a.contiguous()
+            like = torch.empty_like(a)
+        relu_mask = like.copy_(relu_mask)
+    return relu_mask, a
 
 
 @torch.library.custom_op("sparsekern::dds", mutates_args=())
@@ -617,65 +623,85 @@ def _side_by_side(batch_size: int, in_dims: tuple, args: tuple):
     v's block rows and/or columns shifted by v where its operand on that side is the sample's
     own (`_replicated_topology`). Block-diagonal where both sides are; where one is shared
     (an x for every sample's W) the copies share its columns and it is not copied. None where
-    this does not apply (conv, batched topology or bias, a sample not 2-D)."""
+    this does not apply: conv, a batched topology or bias, arguments one sample's call would
+    refuse (its checks then say why), a backend that computes the dense matrix (V copies
+    side by side would be V^2 times one sample's), int32 indices that would overflow."""
     dds = len(args) == _DDS_ARGS
     def shared(d):
         return d is None or isinstance(d, (list, tuple)) and all(map(shared, d))
     if args[_CONV if dds else _SDD_CONV] or not all(shared(d) for d in in_dims[2:8]) \
             or (dds and not shared(in_dims[_BIAS])):
         return None
+    topo = args[2:8]
+    row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm = topo
+    nnz = col_idx.shape[0]
+    n_br, n_bc = row_offsets.shape[0] - 1, t_offsets.shape[0] - 1  # the topology's grid
+    if any(t.dtype != INDEX_DTYPE or t.dim() != 1 for t in topo) or any(
+            t.shape[0] != nnz for t in (row_idx, t_rows, t_perm)) \
+            or batch_size * max(nnz, n_br + 1, n_bc + 1) > _INDEX_MAX:
+        return None
+
+    def one_shape(i):  # argument i's shape in one sample
+        shape, d = args[i].shape, in_dims[i]
+        return shape if d is None else shape[:d] + shape[d + 1:]
 
     def apart(i):  # argument i [V, rows, width] -> [rows, V * width] (a shared one repeated)
         t, d = args[i], in_dims[i]
         t = t.movedim(d, 0) if d is not None else t.expand(batch_size, *t.shape)
-        return None if t.dim() != 3 else t.transpose(0, 1).reshape(t.shape[1], -1)
+        # contiguous: a shared width-1 operand would keep the expanded stride 0
+        return t.transpose(0, 1).reshape(t.shape[1], batch_size * t.shape[2]).contiguous()
 
-    row_offsets, col_idx, row_idx, t_offsets = args[2:6]
-    if any(t.dtype != INDEX_DTYPE for t in (row_offsets, col_idx, row_idx, t_offsets)):
-        return None  # (one sample's call says what is wrong)
-    n_br, n_bc = row_offsets.shape[0] - 1, t_offsets.shape[0] - 1  # the topology's grid
     if dds:
         a, values, *_, n_rows, n_cols, trans_w, backend, _, bias, relu, mask = args
-        if values.dim() - (in_dims[1] is not None) != 3:
-            return None
-        bm, bk = values.shape[-2:]
-        if (n_rows, n_cols) != (n_br * bm, n_bc * bk):
-            return None
         a_own = in_dims[0] is not None or mask is not None  # a mask is read alongside a
+        sample_a, sample_values = one_shape(0), one_shape(1)
+        if len(sample_values) != 3 or len(sample_a) != 2 or sample_values[0] != nnz or (
+                mask is not None and one_shape(_RELU_MASK) != sample_a):
+            return None
+        bm, bk = sample_values[1:]
+        if (n_rows, n_cols) != (n_br * bm, n_bc * bk) or \
+                _computes_dense("dds", backend, a, values.dtype, trans_w, (bm, bk)):
+            return None
         # the output's side always apart; a's side apart where a is each sample's own
         rows_apart, cols_apart = (True, a_own) if trans_w else (a_own, True)
         topo, order = _replicated_topology(row_idx, col_idx, n_br, n_bc, batch_size,
                                            rows_apart, cols_apart)
         vs = values.movedim(in_dims[1], 0) if in_dims[1] is not None else \
             values.expand(batch_size, *values.shape)
-        a = apart(0) if a_own else a
-        if a is None or a.dim() != 2 or (mask is not None and apart(_RELU_MASK) is None):
-            return None
         width = n_rows if trans_w else n_cols
-        call = (a, vs.reshape(-1, bm, bk)[order], *topo,
+        call = (apart(0) if a_own else a, vs.reshape(batch_size * nnz, bm, bk)[order], *topo,
                 n_rows * (batch_size if rows_apart else 1),
                 n_cols * (batch_size if cols_apart else 1), trans_w, backend, None,
                 None if bias is None else bias.repeat(batch_size), relu,
                 None if mask is None else apart(_RELU_MASK))
         return call, lambda out: out.reshape(out.shape[0], batch_size, width).movedim(1, 0)
+    a, b, *_, bm, bk, backend, _ = args
     a_own, b_own = in_dims[0] is not None, in_dims[1] is not None
-    a = apart(0) if a_own else args[0]
-    b = apart(1) if b_own else args[1]
-    bm, bk, backend = args[8], args[9], args[10]
-    if a is None or b is None or a.dim() != 2 or b.dim() != 2 or (
-            a.shape[1], b.shape[1]) != (n_br * bm * (batch_size if a_own else 1),
-                                        n_bc * bk * (batch_size if b_own else 1)):
+    sample_a, sample_b = one_shape(0), one_shape(1)
+    if len(sample_a) != 2 or len(sample_b) != 2 or sample_a[0] != sample_b[0] or \
+            (sample_a[1], sample_b[1]) != (n_br * bm, n_bc * bk) or \
+            _computes_dense("sdd", backend, a, a.dtype, True, (bm, bk)):
         return None
     topo, order = _replicated_topology(row_idx, col_idx, n_br, n_bc, batch_size, a_own, b_own)
+    call = (apart(0) if a_own else a, apart(1) if b_own else b, *topo, bm, bk, backend, None)
     if a_own:  # each copy its own block rows: the blocks are in copy order already
-        return (a, b, *topo, bm, bk, backend, None), \
-            lambda out: out.reshape(batch_size, -1, bm, bk)
+        return call, lambda out: out.reshape(batch_size, nnz, bm, bk)
     unordered = torch.argsort(order)  # the copies' blocks back in copy order
-    return ((a, b, *topo, bm, bk, backend, None),
-            lambda out: out[unordered].reshape(batch_size, -1, bm, bk))
+    return call, lambda out: out[unordered].reshape(batch_size, nnz, bm, bk)
+
+
+def _computes_dense(op: str, backend: str, a: Tensor, dtype: torch.dtype, trans_w: bool,
+                    block: tuple) -> bool:
+    """True where the backend that would run the call materializes the dense matrix (or
+    refuses it: one sample's call then says why)."""
+    try:
+        return backends.select(op, backend, a, dtype, trans_w, False, block).computes_dense
+    except (RuntimeError, ValueError):
+        return True
 
 
 _BIAS, _SDD_CONV = 13, 11
+_INDEX_MAX = 2**31 - 1  # the largest int32 index (INDEX_DTYPE)
 
 
 def _replicated_topology(row_idx: Tensor, col_idx: Tensor, n_br: int, n_bc: int, copies: int,

@@ -588,6 +588,68 @@ def test_vmap_lays_batched_weights_and_sdd_side_by_side(backend_spy, gen):
         vmap(sdd)(dys, xs[:, :, :3])  # one sample's x: 1 block column (3 samples': 3)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD uses torch.jit.script
+def test_vmap_side_by_side_edges(backend_spy, gen, monkeypatch):
+    """The side-by-side layout's edges: samples of 0 rows, nnz=0 (Hessian over the weights), a
+    shared width-1 dy with batched weights and ReLU masks (the expanded dy has stride 0), the
+    reference backend (which would compute V^2 times the dense matrix: one call per sample),
+    int32 indices that would overflow (one call per sample)."""
+    from torch.func import hessian, vmap
+
+    mask = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    m = sparsekern.BlockSparseMatrix.from_block_mask(
+        mask, (2, 4), (6, 12), values=randn(int(mask.sum()), 2, 4, generator=gen))
+    Mp, Kp, bm, bk = _sizes(m)
+    topo = m.topology()
+    vs = torch.stack([m.values, -m.values])
+
+    def nt(a, v, backend="cpu"):
+        return ops.dds_call(a, v, *topo, Mp, Kp, True, backend)
+
+    def sdd(a, b, backend="cpu"):
+        return ops.sdd_call(a, b, *topo, bm, bk, backend)
+    assert vmap(nt, in_dims=(None, 0))(randn(0, Kp), vs).shape == (2, 0, Mp)
+    assert vmap(sdd)(randn(2, 0, Mp), randn(2, 0, Kp)).shape == (2, *m.values.shape)
+    assert vmap(sdd)(randn(2, 0, Mp), randn(2, 0, Kp)).abs().sum() == 0
+    # reference: one call per sample, same results
+    xs, dys = randn(2, 3, Kp, generator=gen), randn(2, 3, Mp, generator=gen)
+    backend_spy.calls.clear()
+    out = vmap(lambda a, b: sdd(a, b, "reference"))(dys, xs)
+    assert backend_spy.calls == [("reference", "sdd")] * 2
+    assert_close(out, vmap(sdd)(dys, xs), torch.float64)
+    # indices past int32 (here a limit of 8): one call per sample
+    with monkeypatch.context() as patch:
+        patch.setattr(ops, "_INDEX_MAX", 8)
+        backend_spy.calls.clear()
+        assert_close(vmap(sdd)(dys, xs), out, torch.float64)
+        assert backend_spy.calls == [("cpu", "sdd")] * 2
+    # nnz = 0
+    empty = make_matrix((2, 4), "nnz0", torch.float64, grid=(3, 3))
+    e_topo = empty.topology()
+    x0 = randn(3, 12, generator=gen)
+    h = hessian(lambda v: ops.dds_call(x0, v, *e_topo, 6, 12, True, "cpu").square().sum())(
+        empty.values)
+    assert h.shape == (0, 2, 4, 0, 2, 4)
+    # a width-1 dy shared by every sample, batched weights and ReLU masks
+    thin = sparsekern.BlockSparseMatrix.from_block_mask(
+        torch.tensor([[1, 0, 1]], dtype=torch.bool), (1, 4), (1, 12),
+        values=randn(2, 1, 4, generator=gen))
+    t_topo = thin.topology()
+    dy = randn(5, 1, generator=gen)
+    t_vs = torch.stack([thin.values, 2 * thin.values, -thin.values])
+    masks = (randn(3, 5, 1, generator=gen) > 0).double()
+
+    def nn_masked(a, v, msk):
+        return ops.dds_call(a, v, *t_topo, 1, 12, False, "cpu", None, None, False, msk)
+    out = vmap(nn_masked, in_dims=(None, 0, 0))(dy, t_vs, masks)
+    for i in range(3):
+        assert_close(out[i], nn_masked(dy, t_vs[i], masks[i]), torch.float64)
+    # (and a direct call with a dy that overlaps itself)
+    overlapping = randn(1, generator=gen).expand(5, 1)
+    assert_close(nn_masked(overlapping, thin.values, masks[0]),
+                 nn_masked(overlapping.contiguous(), thin.values, masks[0]), torch.float64)
+
+
 def test_vmap_refusals_keep_the_samples_messages(gen):
     """Samples the op refuses (a 1-D x, a mask of another shape) get the op's message."""
     from torch.func import vmap
@@ -610,6 +672,14 @@ def test_vmap_refusals_keep_the_samples_messages(gen):
         vmap(nt)(x0)
     with pytest.raises(ValueError, match="relu_mask must have"):
         vmap(nn_masked)(dys, masks[:, :2])
+    # weights of one block too many, an int64 t_perm: one sample's messages
+    vs = torch.stack([torch.cat([v0, v0[:1]]), torch.cat([v0, v0[:1]])])
+    with pytest.raises(ValueError, match=f"col_idx must be 1-D with {v0.shape[0] + 1}"):
+        vmap(lambda v: nt(x0, v))(vs)
+    ro, ci, ri, to, tr, tp = topo
+    with pytest.raises(TypeError, match="t_perm must be int32"):
+        vmap(lambda v: ops.dds_call(x0, v, ro, ci, ri, to, tr, tp.long(), Mp, Kp, False,
+                                    "cpu"))(torch.stack([v0, v0]))
 
 
 def test_opcheck_dds_with_relu(gen):
