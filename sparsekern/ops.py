@@ -622,15 +622,18 @@ def _side_by_side(batch_size: int, in_dims: tuple, args: tuple):
     v * width.. of one [rows, V * width] operand, and W becomes V copies of its topology, copy
     v's block rows and/or columns shifted by v where its operand on that side is the sample's
     own (`_replicated_topology`). Block-diagonal where both sides are; where one is shared
-    (an x for every sample's W) the copies share its columns and it is not copied. None where
-    this does not apply: conv, a batched topology or bias, arguments one sample's call would
+    (an x for every sample's W) the copies share its columns and it is not copied. Conv lays
+    the samples' channels side by side (NCHW [N, V * C, H, W], or NHWC rows [N*H*W, V * C]),
+    within each filter tap on W's side. None where this does not apply: a batched topology or
+    bias, arguments one sample's call would
     refuse (its checks then say why), a backend that computes the dense matrix (V copies
     side by side would be V^2 times one sample's), int32 indices that would overflow."""
     dds = len(args) == _DDS_ARGS
+    conv = args[_CONV if dds else _SDD_CONV] or None
     def shared(d):
         return d is None or isinstance(d, (list, tuple)) and all(map(shared, d))
-    if args[_CONV if dds else _SDD_CONV] or not all(shared(d) for d in in_dims[2:8]) \
-            or (dds and not shared(in_dims[_BIAS])):
+    if not all(shared(d) for d in in_dims[2:8]) or (dds and not shared(in_dims[_BIAS])) \
+            or not shared(in_dims[_CONV if dds else _SDD_CONV]):
         return None
     topo = args[2:8]
     row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm = topo
@@ -645,45 +648,67 @@ def _side_by_side(batch_size: int, in_dims: tuple, args: tuple):
         shape, d = args[i].shape, in_dims[i]
         return shape if d is None else shape[:d] + shape[d + 1:]
 
-    def apart(i):  # argument i [V, rows, width] -> [rows, V * width] (a shared one repeated)
+    def apart(i):  # argument i [V, rows, width] -> [rows, V * width] (a shared one repeated);
+        # conv's NCHW [V, N, C, H, W] -> [N, V * C, H, W]
         t, d = args[i], in_dims[i]
         t = t.movedim(d, 0) if d is not None else t.expand(batch_size, *t.shape)
         # contiguous: a shared width-1 operand would keep the expanded stride 0
-        return t.transpose(0, 1).reshape(t.shape[1], batch_size * t.shape[2]).contiguous()
+        return t.movedim(0, 1).reshape(t.shape[1], batch_size * t.shape[2],
+                                       *t.shape[3:]).contiguous()
+
+    def unfold(out, width):  # [rows, V * width, ...] -> [V, rows, width, ...]
+        return out.reshape(out.shape[0], batch_size, width, *out.shape[2:]).movedim(1, 0)
+
+    # conv: the copies' channels side by side within each filter tap; C -> V * C where the
+    # input side is apart
+    taps, C = (conv[4] * conv[5], conv[3]) if conv else (1, None)
+    if conv and (len(conv) != len(CONV_FIELDS) or n_bc % taps):
+        return None
+
+    def geometry(cols_apart):
+        if not conv or not cols_apart:
+            return conv
+        return [*conv[:3], batch_size * C, *conv[4:]]
 
     if dds:
         a, values, *_, n_rows, n_cols, trans_w, backend, _, bias, relu, mask = args
         a_own = in_dims[0] is not None or mask is not None  # a mask is read alongside a
         sample_a, sample_values = one_shape(0), one_shape(1)
-        if len(sample_values) != 3 or len(sample_a) != 2 or sample_values[0] != nnz or (
-                mask is not None and one_shape(_RELU_MASK) != sample_a):
+        if len(sample_values) != 3 or len(sample_a) != (4 if conv and len(sample_a) == 4
+                                                          else 2) or sample_values[0] != nnz \
+                or (mask is not None and one_shape(_RELU_MASK) != sample_a):
             return None
         bm, bk = sample_values[1:]
-        if (n_rows, n_cols) != (n_br * bm, n_bc * bk) or \
-                _computes_dense("dds", backend, a, values.dtype, trans_w, (bm, bk)):
+        if (n_rows, n_cols) != (n_br * bm, n_bc * bk) or (conv and C % bk) or \
+                _computes_dense("dds", backend, a, values.dtype, trans_w, (bm, bk), conv):
             return None
         # the output's side always apart; a's side apart where a is each sample's own
         rows_apart, cols_apart = (True, a_own) if trans_w else (a_own, True)
         topo, order = _replicated_topology(row_idx, col_idx, n_br, n_bc, batch_size,
-                                           rows_apart, cols_apart)
+                                           rows_apart, cols_apart, taps)
         vs = values.movedim(in_dims[1], 0) if in_dims[1] is not None else \
             values.expand(batch_size, *values.shape)
-        width = n_rows if trans_w else n_cols
+        # the output's width: W's rows, or its columns (conv: the input's channels)
+        width = n_rows if trans_w else (C if conv else n_cols)
         call = (apart(0) if a_own else a, vs.reshape(batch_size * nnz, bm, bk)[order], *topo,
                 n_rows * (batch_size if rows_apart else 1),
-                n_cols * (batch_size if cols_apart else 1), trans_w, backend, None,
-                None if bias is None else bias.repeat(batch_size), relu,
+                n_cols * (batch_size if cols_apart else 1), trans_w, backend,
+                geometry(cols_apart), None if bias is None else bias.repeat(batch_size), relu,
                 None if mask is None else apart(_RELU_MASK))
-        return call, lambda out: out.reshape(out.shape[0], batch_size, width).movedim(1, 0)
+        return call, lambda out: unfold(out, width)
     a, b, *_, bm, bk, backend, _ = args
     a_own, b_own = in_dims[0] is not None, in_dims[1] is not None
     sample_a, sample_b = one_shape(0), one_shape(1)
-    if len(sample_a) != 2 or len(sample_b) != 2 or sample_a[0] != sample_b[0] or \
-            (sample_a[1], sample_b[1]) != (n_br * bm, n_bc * bk) or \
-            _computes_dense("sdd", backend, a, a.dtype, True, (bm, bk)):
+    dims = 4 if conv and len(sample_a) == 4 else 2
+    if len(sample_a) != dims or len(sample_b) != dims or (
+            (sample_a[1], sample_b[1]) != ((n_br * bm, C) if conv else (n_br * bm, n_bc * bk))
+            or (not conv and sample_a[0] != sample_b[0]) or (conv and C % bk)
+            or _computes_dense("sdd", backend, a, a.dtype, True, (bm, bk), conv)):
         return None
-    topo, order = _replicated_topology(row_idx, col_idx, n_br, n_bc, batch_size, a_own, b_own)
-    call = (apart(0) if a_own else a, apart(1) if b_own else b, *topo, bm, bk, backend, None)
+    topo, order = _replicated_topology(row_idx, col_idx, n_br, n_bc, batch_size, a_own, b_own,
+                                       taps)
+    call = (apart(0) if a_own else a, apart(1) if b_own else b, *topo, bm, bk, backend,
+            geometry(b_own))
     if a_own:  # each copy its own block rows: the blocks are in copy order already
         return call, lambda out: out.reshape(batch_size, nnz, bm, bk)
     unordered = torch.argsort(order)  # the copies' blocks back in copy order
@@ -691,11 +716,12 @@ def _side_by_side(batch_size: int, in_dims: tuple, args: tuple):
 
 
 def _computes_dense(op: str, backend: str, a: Tensor, dtype: torch.dtype, trans_w: bool,
-                    block: tuple) -> bool:
+                    block: tuple, conv=None) -> bool:
     """True where the backend that would run the call materializes the dense matrix (or
     refuses it: one sample's call then says why)."""
     try:
-        return backends.select(op, backend, a, dtype, trans_w, False, block).computes_dense
+        return backends.select(op, backend, a, dtype, trans_w, bool(conv),
+                               block).computes_dense
     except (RuntimeError, ValueError):
         return True
 
@@ -705,15 +731,21 @@ _INDEX_MAX = 2**31 - 1  # the largest int32 index (INDEX_DTYPE)
 
 
 def _replicated_topology(row_idx: Tensor, col_idx: Tensor, n_br: int, n_bc: int, copies: int,
-                         rows_apart: bool, cols_apart: bool) -> tuple[tuple, Tensor]:
+                         rows_apart: bool, cols_apart: bool, taps: int = 1
+                         ) -> tuple[tuple, Tensor]:
     """(the 6 topology tensors, order) of `copies` copies of a topology of n_br x n_bc blocks,
-    copy v shifted by v * n_br block rows (rows_apart) and / or v * n_bc block columns
-    (cols_apart); order[k]: the copy-major index (v * nnz + p) of the k-th block in the
-    result's block-row order (copies sharing block rows interleave in them)."""
+    copy v shifted by v * n_br block rows (rows_apart) and / or, within each of the `taps`
+    filter taps (conv's block columns: tap * (C / bk) + channel block; linear: one tap), by
+    v * n_bc / taps block columns (cols_apart: the copies' channels side by side); order[k]:
+    the copy-major index (v * nnz + p) of the k-th block in the result's block-row order
+    (copies sharing block rows interleave in them)."""
     nnz = row_idx.shape[0]
     copy = torch.arange(copies, device=row_idx.device).repeat_interleave(nnz)
     rows = row_idx.long().repeat(copies) + (copy * n_br if rows_apart else 0)
-    cols = col_idx.long().repeat(copies) + (copy * n_bc if cols_apart else 0)
+    cols = col_idx.long().repeat(copies)
+    if cols_apart:
+        per_tap = n_bc // taps
+        cols = cols + (cols // per_tap * (copies - 1) + copy) * per_tap
     n_br, n_bc = n_br * (copies if rows_apart else 1), n_bc * (copies if cols_apart else 1)
     order = (torch.arange(copies * nnz, device=row_idx.device) if rows_apart else
              torch.argsort(rows * n_bc + cols, stable=True))

@@ -498,6 +498,52 @@ def test_conv_vmap_stacks_the_images(layout, backend_spy, gen):
             torch.stack([bad, bad]))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("geom", GRAD_GEOMETRIES[:3], ids=GRAD_IDS[:3])
+def test_conv_vmap_side_by_side(layout, geom, backend_spy, gen):
+    """vmap of the conv products with batched weights (x shared or batched, either transpose,
+    bias and fused ReLU, ReLU masks) and of conv sdd (dy and / or x batched: per-sample weight
+    gradients): one call on the samples' channels side by side within each filter tap, as a
+    loop, in every layout and geometry (stride, dilation, padding, 1x1 blocks)."""
+    from torch.func import vmap
+
+    m, conv, x, dy, values = _conv_op_inputs(geom, gen, layout=layout)
+    Mp, Kp = m.padded_shape
+    bm, bk = m.block_shape
+    topo = m.topology()
+    x, dy, v0 = x.detach(), dy.detach(), values.detach()
+    V = 3
+    vs = torch.stack([v0, -2 * v0, v0.flip(0)])
+    xs, dys = torch.stack([x, x.flip(0), 3 * x]), torch.stack([dy, -dy, dy.flip(0)])
+    masks = (dys > 0.2).to(dys.dtype)
+    bias = torch.randn(Mp, dtype=torch.float64)
+
+    def nt(a, v):
+        return ops.dds_call(a, v, *topo, Mp, Kp, True, "cpu", conv, bias, True)
+
+    def nn_masked(a, v, msk):
+        return ops.dds_call(a, v, *topo, Mp, Kp, False, "cpu", conv, None, False, msk)
+
+    def sdd(a, b):
+        return ops.sdd_call(a, b, *topo, bm, bk, "cpu", conv)
+
+    def pick(t, d, i):
+        return t if d is None or t is None else t.select(d, i)
+
+    for fn, in_dims, args, op in (
+            (nt, (None, 0), (x, vs), "dds"), (nt, (0, 0), (xs, vs), "dds"),
+            (nn_masked, (None, 0, None), (dy, vs, None), "dds"),
+            (nn_masked, (0, 0, 0), (dys, vs, masks), "dds"),
+            (sdd, (0, 0), (dys, xs), "sdd"), (sdd, (0, None), (dys, x), "sdd"),
+            (sdd, (None, 0), (dy, xs), "sdd")):
+        backend_spy.calls.clear()
+        out = vmap(fn, in_dims=in_dims)(*args)
+        assert backend_spy.calls == [("cpu", op)], (fn.__name__, in_dims)
+        expected = torch.stack([fn(*(pick(t, d, i) for t, d in zip(args, in_dims)))
+                                for i in range(V)])
+        assert_close(out, expected)
+
+
 def test_conv_torch_func_channels_last():
     """torch.func through a strided SparseConv2d on channels_last input: jacfwd (vmap over jvp,
     the layout helpers taking batched tangents as NCHW) as jacrev, and vmap over a batch at

@@ -432,6 +432,29 @@ def test_per_sample_gradients(gen, backend_spy):
                 assert_close(per_sample[0][name][i].cpu(), one[0][name].cpu())
 
 
+
+def test_per_sample_conv_gradients(gen, backend_spy):
+    """The same for a strided conv: the samples' images stacked (forward, grad input), their
+    channels side by side for the weight gradients; one launch each."""
+    from torch.func import functional_call, grad, vmap
+
+    layer = sparsekern.SparseConv2d(16, 32, 3, stride=2, padding=1, block_size=(16, 16),
+                                    density=0.5, dtype=torch.float64).to(DEVICE)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = randn(2, 16, 5, 5, generator=gen).to(DEVICE)
+
+    def loss(p, xi):
+        return functional_call(layer, p, (xi.unsqueeze(0),)).sin().sum()
+    with sparsekern.backend("triton"):
+        per_sample = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, 0))(params, x)
+        assert sorted(backend_spy.calls) == [("triton", "dds")] * 2 + [("triton", "sdd")]
+        for i in range(2):
+            one = grad(loss, argnums=(0, 1))(params, x[i])
+            assert_close(per_sample[1][i].cpu(), one[1].cpu())
+            for name in params:
+                assert_close(per_sample[0][name][i].cpu(), one[0][name].cpu())
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 def test_fused_bias_and_relu(channels_last, gen):
     """Bias and ReLU in dds_nt's epilogue, the ReLU's backward in dds_nn's loads: the layer
