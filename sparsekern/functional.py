@@ -151,6 +151,7 @@ def bsr_conv2d(input: Tensor, weight: BlockSparseMatrix, bias: Tensor | None = N
                      _padded_bias(bias, Mp), relu)
     if Mp != C_out:  # drop the padded channels: a fresh dense tensor in the input's format (a
         # clone, not contiguous(), which would keep a view when the slice happens to be dense)
-        y = y[:, :C_out].clone(
-            memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        # (vmap has no channels_last: under jacfwd y's tangent is batched though x is not)
+        y = y[:, :C_out].clone(memory_format=torch.channels_last if channels_last
+                               and not ops.under_vmap() else torch.contiguous_format)
     return y

@@ -79,16 +79,34 @@ def dds_out_shape(a, n_rows, n_cols, trans_w, conv):
     return (a.shape[0], n_rows if trans_w else n_cols)
 
 
-def _batched(t: Tensor) -> bool:
-    """A tensor batched by vmap (torch.func's, or the older one gradcheck's batched checks use):
-    it has no storage to share and cannot tell its memory format."""
-    return torch._C._functorch.is_batchedtensor(t) or \
-        torch._C._functorch.is_legacy_batchedtensor(t)
+def is_vmap_batched(t: Tensor) -> bool:
+    """A tensor batched by vmap (torch.func's, or the older one gradcheck's batched checks use),
+    at any depth of torch.func's wrappers (a grad or jvp transform's over a batched one): it
+    has no storage to share and cannot tell its memory format. False under torch.compile
+    (Dynamo cannot trace the test)."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    while True:
+        if functorch.is_batchedtensor(t) or functorch.is_legacy_batchedtensor(t):
+            return True
+        if not functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = functorch.get_unwrapped(t)
+
+
+def under_vmap() -> bool:
+    """A vmap transform is active (its tensors, tangents included, have no channels_last)."""
+    return (not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+            and _VMAP in [i.key() for i in torch._C._functorch.get_interpreter_stack()])
+
+
+_VMAP = torch._C._functorch.TransformType.Vmap
 
 
 def is_channels_last(t: Tensor) -> bool:
     """A 4-D tensor laid out NHWC (and not also plain contiguous, as 1-channel ones are)."""
-    if t.dim() != 4 or t.is_contiguous() or (not torch.compiler.is_compiling() and _batched(t)):
+    if t.dim() != 4 or t.is_contiguous() or is_vmap_batched(t):
         return False  # (a batched one is taken as NCHW: a copy; dynamo cannot trace the test)
     return t.is_contiguous(memory_format=torch.channels_last)
 
@@ -104,7 +122,7 @@ def _rows_as_channels_last(rows: Tensor, N: int, h: int, w: int) -> Tensor:
     callers modify in place)."""
     rows = rows.contiguous()
     C = rows.shape[1]
-    if _batched(rows):  # a jvp's tangents under vmap: no storage, and vmap clones to NCHW
+    if is_vmap_batched(rows):  # a jvp's tangents under vmap: no storage, and vmap clones to NCHW
         return rows_to_nchw(rows, N, h, w)  # only (a tangent's layout is free)
     if type(rows) is not torch.Tensor or torch._C._functorch.is_functionaltensor(rows):
         # traced (fake / functional tensors: no storage to share): a copy, which compilers fuse
@@ -360,7 +378,7 @@ def _sdd_impl(a: Tensor, b: Tensor, row_offsets: Tensor, col_idx: Tensor, row_id
             raise ValueError(f"conv sdd operands must be both NHWC rows (2-D) or both NCHW "
                              f"(4-D), got shapes {tuple(a.shape)} and {tuple(b.shape)}")
         if a.dim() == 4 and is_channels_last(a) != is_channels_last(b):  # one layout for both
-            if _batched(b):  # (vmap cannot lay b out channels_last: both NCHW)
+            if is_vmap_batched(b):  # (vmap cannot lay b out channels_last: both NCHW)
                 a = a.contiguous()
             b = b.contiguous(memory_format=torch.channels_last if is_channels_last(a)
                              else torch.contiguous_format)

@@ -561,6 +561,36 @@ def test_conv_torch_func_channels_last():
         assert_close(out[i], layer(xs[:, i].contiguous(memory_format=torch.channels_last)))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch's forward AD uses torch.jit.script
+def test_conv_torch_func_channels_last_padded_channels():
+    """Per-sample gradients (vmap of grad) and jacfwd of a conv model on channels_last input
+    whose layers pad their output channels (5 and 6 channels in blocks of 4 and 2): dropping
+    the padding cloned to channels_last inside vmap, which vmap refuses (a grad wrapper over a
+    batched tensor read as channels_last; jacfwd's tangents are batched though x is not)."""
+    from torch.func import functional_call, grad, jacfwd, jacrev, vmap
+
+    torch.manual_seed(26)
+    model = nn.Sequential(
+        SparseConv2d(4, 6, 3, padding=1, block_size=(4, 2), density=0.5).double(), nn.ReLU(),
+        SparseConv2d(6, 5, 3, padding=1, block_size=(4, 2), density=0.5).double())
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last)
+
+    def loss(p, xi):
+        return functional_call(model, p, (xi.unsqueeze(0),)).sin().sum()
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(3):
+        one = grad(loss)(params, x[i])
+        for name in one:
+            assert_close(per_sample[name][i], one[name])
+    forward = jacfwd(lambda p: functional_call(model, p, (x,)))(params)
+    reverse = jacrev(lambda p: functional_call(model, p, (x,)))(params)
+    for name in forward:
+        assert_close(forward[name], reverse[name])
+    assert model(x).is_contiguous(memory_format=torch.channels_last)  # eager keeps the format
+
+
 def test_conv_ops_nchw_equal_rows(gen):
     """The same products in both layouts, on every CPU path (tiles, shifted, chunked)."""
     for geom in GRAD_GEOMETRIES + [(3, 16, 9, 10, (3, 3), (1, 1), (1, 1), (1, 1), 20, (16, 16)),
