@@ -95,10 +95,17 @@ def is_vmap_batched(t: Tensor) -> bool:
         t = functorch.get_unwrapped(t)
 
 
+def _transforms() -> list:
+    """The active torch.func transforms (TransformType), innermost last; none under
+    torch.compile (Dynamo cannot trace the query)."""
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
+        return []
+    return [i.key() for i in torch._C._functorch.get_interpreter_stack()]
+
+
 def under_vmap() -> bool:
     """A vmap transform is active (its tensors, tangents included, have no channels_last)."""
-    return (not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
-            and _VMAP in [i.key() for i in torch._C._functorch.get_interpreter_stack()])
+    return _VMAP in _transforms()
 
 
 _VMAP = torch._C._functorch.TransformType.Vmap
@@ -107,7 +114,7 @@ _VMAP = torch._C._functorch.TransformType.Vmap
 def is_channels_last(t: Tensor) -> bool:
     """A 4-D tensor laid out NHWC (and not also plain contiguous, as 1-channel ones are)."""
     if t.dim() != 4 or t.is_contiguous() or is_vmap_batched(t):
-        return False  # (a batched one is taken as NCHW: a copy; dynamo cannot trace the test)
+        return False  # (a batched one is taken as NCHW: a copy)
     return t.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -574,64 +581,75 @@ _DdsFunction = _eager_function("_DdsFunction", _dds_impl, _dds_setup_context, _d
 _SddFunction = _eager_function("_SddFunction", _sdd_impl, _sdd_setup_context, _sdd_backward)
 
 
+_DDS_ARGS, _CONV, _BIAS, _RELU_MASK = 16, 12, 13, 15  # dds's argument count and positions
+_SDD_CONV = 11  # sdd's conv argument
+_INDEX_MAX = 2**31 - 1  # the largest int32 index (INDEX_DTYPE)
+
+
 def _vmap_rule(call, batch_size: int, in_dims: tuple, args: tuple) -> tuple[Tensor, int]:
     """(call's output batched at dim 0, 0) over `batch_size` samples of args batched at in_dims
     (None: shared), for vmap, in one call where it can:
     - dds with only a (and relu_mask) batched, as in per-sample gradients or Jacobians over x:
-      the samples stacked along a's rows (conv: its images);
-    - linear dds with batched weights (ensembles, Jacobians over W) and linear sdd (the weight
-      gradients of per-sample gradients): the samples side by side along the features, on V
-      copies of the topology (`_side_by_side`);
-    - otherwise (conv with batched weights or sdd) one call per sample, what PyTorch does for
-      an op without a batching rule."""
+      the samples stacked along a's rows (conv: its images; `_stacked`);
+    - dds with batched weights (ensembles, Jacobians over W) and sdd (the weight gradients of
+      per-sample gradients): the samples side by side along the features (conv: channels), on
+      V copies of the topology (`_side_by_side`);
+    - otherwise (a backend that computes the dense matrix, arguments one sample's call would
+      refuse, ...) one call per sample, what PyTorch does for an op without a batching rule."""
     def sample(pick):  # the arguments of one sample: pick(tensor, its batch dim)
         return [pick(a, d) if isinstance(a, Tensor) and d is not None else a
                 for a, d in zip(args, in_dims)]
     if batch_size == 0:  # no sample: one of zeros gives the output's shape
         out = call(*sample(lambda a, d: a.new_zeros(a.shape[:d] + a.shape[d + 1:])))
         return out.new_empty((0, *out.shape)), 0
-    if not _stackable(args, in_dims):
-        apart = _side_by_side(batch_size, in_dims, args)
-        if apart is None:
-            return torch.stack([call(*sample(lambda a, d: a.select(d, i)))
-                                for i in range(batch_size)]), 0
-        stacked, unfold = apart
-        try:
-            return unfold(call(*stacked)), 0
-        except (ValueError, TypeError):  # say it of one sample's shapes, not the stacked ones
-            call(*sample(lambda a, d: a.select(d, 0)))
-            raise
-    stacked = list(args)
-    for i in (0, _RELU_MASK):
-        t, d = args[i], in_dims[i]
-        if t is not None:  # [samples, rows, ...] -> [samples * rows, ...]
-            t = t.movedim(d, 0) if d is not None else t.expand(batch_size, *t.shape)
-            stacked[i] = t.reshape(-1, *t.shape[2:])
-    if args[_CONV]:  # conv's images: N -> samples * N
-        stacked[_CONV] = [batch_size * args[_CONV][0], *args[_CONV][1:]]
+    plan = (_stacked if _stackable(args, in_dims) else _side_by_side)(batch_size, in_dims, args)
+    if plan is None:
+        return torch.stack([call(*sample(lambda a, d: a.select(d, i)))
+                            for i in range(batch_size)]), 0
+    together, unfold = plan
     try:
-        out = call(*stacked)
-    except (ValueError, TypeError):  # say it of one sample's shapes, not the stacked ones
+        return unfold(call(*together)), 0
+    except (ValueError, TypeError):  # say it of one sample's shapes, not the joined ones
         call(*sample(lambda a, d: a.select(d, 0)))
         raise
-    return out.reshape(batch_size, out.shape[0] // batch_size, *out.shape[1:]), 0
 
 
-_DDS_ARGS, _CONV, _RELU_MASK = 16, 12, 15  # dds's argument count and positions
+def _unbatched(d) -> bool:
+    """An in_dims entry of a shared argument (a list argument's, conv's, is a list of Nones)."""
+    return d is None or isinstance(d, (list, tuple)) and all(map(_unbatched, d))
+
+
+def _sample_shape(args: tuple, in_dims: tuple, i: int) -> tuple:
+    """Argument i's shape in one sample."""
+    shape, d = args[i].shape, in_dims[i]
+    return shape if d is None else shape[:d] + shape[d + 1:]
 
 
 def _stackable(args: tuple, in_dims: tuple) -> bool:
     """A dds whose samples differ in a and relu_mask alone, each sample's a at least 2-D and
     the mask (if any) of its shape: else the checks of one sample's call say what is wrong."""
-    def shared(d):  # in_dims of a list argument (conv) is a list of Nones
-        return d is None or isinstance(d, (list, tuple)) and all(map(shared, d))
-    if len(args) != _DDS_ARGS or not all(shared(d) for i, d in enumerate(in_dims)
+    if len(args) != _DDS_ARGS or not all(_unbatched(d) for i, d in enumerate(in_dims)
                                          if i not in (0, _RELU_MASK)):
         return False
-    def one(i):  # argument i's shape in one sample
-        shape = args[i].shape
-        return shape if in_dims[i] is None else shape[:in_dims[i]] + shape[in_dims[i] + 1:]
-    return len(one(0)) >= 2 and (args[_RELU_MASK] is None or one(_RELU_MASK) == one(0))
+    one = _sample_shape(args, in_dims, 0)
+    return len(one) >= 2 and (args[_RELU_MASK] is None
+                              or _sample_shape(args, in_dims, _RELU_MASK) == one)
+
+
+def _stacked(batch_size: int, in_dims: tuple, args: tuple):
+    """(arguments of one call, its output -> [samples, ...]) for a `_stackable` dds: the
+    samples' a (and relu_mask) stacked along the rows, [samples * rows, ...]; conv's images
+    N -> samples * N."""
+    stacked = list(args)
+    for i in (0, _RELU_MASK):
+        t, d = args[i], in_dims[i]
+        if t is not None:
+            t = t.movedim(d, 0) if d is not None else t.expand(batch_size, *t.shape)
+            stacked[i] = t.reshape(-1, *t.shape[2:])
+    if args[_CONV]:
+        stacked[_CONV] = [batch_size * args[_CONV][0], *args[_CONV][1:]]
+    return stacked, lambda out: out.reshape(batch_size, out.shape[0] // batch_size,
+                                            *out.shape[1:])
 
 
 def _side_by_side(batch_size: int, in_dims: tuple, args: tuple):
@@ -643,15 +661,13 @@ def _side_by_side(batch_size: int, in_dims: tuple, args: tuple):
     (an x for every sample's W) the copies share its columns and it is not copied. Conv lays
     the samples' channels side by side (NCHW [N, V * C, H, W], or NHWC rows [N*H*W, V * C]),
     within each filter tap on W's side. None where this does not apply: a batched topology or
-    bias, arguments one sample's call would
-    refuse (its checks then say why), a backend that computes the dense matrix (V copies
-    side by side would be V^2 times one sample's), int32 indices that would overflow."""
+    bias, arguments one sample's call would refuse (its checks then say why), a backend that
+    computes the dense matrix (V copies side by side would be V^2 times one sample's), int32
+    indices that would overflow."""
     dds = len(args) == _DDS_ARGS
     conv = args[_CONV if dds else _SDD_CONV] or None
-    def shared(d):
-        return d is None or isinstance(d, (list, tuple)) and all(map(shared, d))
-    if not all(shared(d) for d in in_dims[2:8]) or (dds and not shared(in_dims[_BIAS])) \
-            or not shared(in_dims[_CONV if dds else _SDD_CONV]):
+    if not all(_unbatched(d) for d in in_dims[2:8]) or (dds and not _unbatched(in_dims[_BIAS])) \
+            or not _unbatched(in_dims[_CONV if dds else _SDD_CONV]):
         return None
     topo = args[2:8]
     row_offsets, col_idx, row_idx, t_offsets, t_rows, t_perm = topo
@@ -662,9 +678,8 @@ def _side_by_side(batch_size: int, in_dims: tuple, args: tuple):
             or batch_size * max(nnz, n_br + 1, n_bc + 1) > _INDEX_MAX:
         return None
 
-    def one_shape(i):  # argument i's shape in one sample
-        shape, d = args[i].shape, in_dims[i]
-        return shape if d is None else shape[:d] + shape[d + 1:]
+    def one_shape(i):
+        return _sample_shape(args, in_dims, i)
 
     def apart(i):  # argument i [V, rows, width] -> [rows, V * width] (a shared one repeated);
         # conv's NCHW [V, N, C, H, W] -> [N, V * C, H, W]
@@ -742,10 +757,6 @@ def _computes_dense(op: str, backend: str, a: Tensor, dtype: torch.dtype, trans_
                                block).computes_dense
     except (RuntimeError, ValueError):
         return True
-
-
-_BIAS, _SDD_CONV = 13, 11
-_INDEX_MAX = 2**31 - 1  # the largest int32 index (INDEX_DTYPE)
 
 
 def _replicated_topology(row_idx: Tensor, col_idx: Tensor, n_br: int, n_bc: int, copies: int,
@@ -830,11 +841,9 @@ def _under_transform() -> bool:
     """True in eager mode with a torch.func grad, jvp or vmap transform innermost: the products
     go through the autograd.Functions above. Not under functionalize at any depth (functorch
     has no functionalize rule for an autograd.Function: the registered ops stay)."""
-    if (not torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
-            or _get_current_dispatch_mode() is not None):
-        return False
-    stack = [i.key() for i in torch._C._functorch.get_interpreter_stack()]
-    return bool(stack) and stack[-1] in _TRANSFORMS and _FUNCTIONALIZE not in stack
+    stack = _transforms()
+    return (bool(stack) and stack[-1] in _TRANSFORMS and _FUNCTIONALIZE not in stack
+            and _get_current_dispatch_mode() is None)
 
 
 _FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
@@ -846,10 +855,7 @@ def _check_no_tangent() -> None:
     """The registered ops have no forward-mode AD rule (torch.library has none to register):
     refuse a forward-AD level or a jvp transform there (under torch.compile, a dispatch mode,
     functionalize) rather than drop the tangent, as they did, silently, with a zero."""
-    if forward_ad._current_level >= 0 or (
-            not torch.compiler.is_compiling()  # (Dynamo cannot trace the stack's query)
-            and torch._C._are_functorch_transforms_active() and _JVP in [
-                i.key() for i in torch._C._functorch.get_interpreter_stack()]):
+    if forward_ad._current_level >= 0 or _JVP in _transforms():
         raise NotImplementedError(
             "forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) through "
             "sparsekern's products runs in eager mode only, not under torch.compile, a "
